@@ -1,0 +1,321 @@
+"""Typed experiment configuration: model / data / train dataclasses, presets, YAML + CLI overrides.
+
+An experiment is one small YAML file (see ``configs/``)::
+
+    preset: tiny            # optional: official-8b | official-4b | tiny (applied first)
+    model: {target: siglip, objective: mse}
+    data:  {train_shards: toy_data/train}
+    train: {max_steps: 200, learning_rate: 3.0e-4}
+
+and ``key=value`` overrides on the command line (``train.max_steps=10 model.objective=mse``). The
+paper's settings are the dataclass defaults. Unknown keys and wrong types raise
+:class:`ConfigError` with one line naming the field, e.g.
+``ConfigError: train.learning_rate: expected float, got 'fast'``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message is one line that names the field."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Registries of variant names (the objects live in their modules; names are validated here so a
+# typo fails at config time, not an hour into a run).
+BACKBONES = ("qwen2_5_vl", "llama3", "qwen3")
+TARGETS = ("eva_clip", "siglip", "vae")
+OBJECTIVES = ("flow", "mse")
+DECODERS = ("sdxl", "sana", "none")
+RECIPES = ("sequential", "joint")
+
+
+@dataclass
+class ModelConfig:
+    # Backbone: a registry name plus where its weights live (hub id, local dir, or "tiny" for the
+    # random tiny preset materialised locally).
+    backbone: str = "qwen2_5_vl"
+    backbone_path: str = "Qwen/Qwen2.5-VL-7B-Instruct"
+    recipe: str = "sequential"  # sequential: frozen backbone; joint: backbone trains + text loss
+    num_queries: int = 64
+    attn_implementation: str = "sdpa"
+    # Target (what the DiT generates).
+    target: str = "eva_clip"
+    target_path: Optional[str] = None  # None -> the registry's default for `target_preset`
+    target_preset: str = "official"
+    # Generator.
+    objective: str = "flow"
+    dit_preset: str = "official"
+    dit: Dict[str, Any] = field(default_factory=dict)  # overrides of blip3o.models.dit.DiTConfig
+    cfg_dropout: float = 0.1  # conditioning zeroed for this fraction of samples (CFG)
+    time_sampling: str = "uniform"  # uniform (reference) | logit_normal
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    time_shift: float = 1.0  # SD3-style shift of sigma; 1.0 = none (reference)
+    target_norm: str = "none"  # none (reference) | channel: per-channel z-score with stats in the checkpoint
+    text_loss_weight: float = 0.0  # > 0 only for the joint recipe
+    # Pixels.
+    decoder: str = "sdxl"
+    decoder_path: Optional[str] = None
+    # Sampling defaults (reference §6).
+    num_inference_steps: int = 30
+    guidance_scale: float = 3.0
+    gradient_checkpointing: bool = True
+    max_length: int = 512
+
+
+@dataclass
+class DataConfig:
+    train_shards: Optional[str] = None  # folder, glob or brace pattern of .tar shards
+    sources: List[Dict[str, Any]] = field(default_factory=list)  # [{shards, weight, caption_key}] mixture
+    json_path: Optional[str] = None  # JSON/JSONL text-to-image or conversation data
+    image_root: Optional[str] = None
+    caption_key: str = "txt"
+    resampled: bool = True
+    shuffle_buffer: int = 1000
+    num_workers: int = 4
+    use_cache: bool = True  # use cached target features (x0.npy) when the shards carry them
+    und_json_path: Optional[str] = None  # understanding conversations, mixed in for the joint recipe
+    und_ratio: float = 0.0
+    eval_prompts: Optional[str] = None  # GenEval-format JSONL for sample grids / toy scoring
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "outputs/run"
+    seed: int = 42
+    max_steps: int = 150_000
+    per_device_train_batch_size: int = 16
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 1e-4
+    min_lr: float = 1e-5
+    lr_scheduler_type: str = "cosine_with_min_lr"  # cosine_with_min_lr | cosine | constant_with_warmup | linear
+    warmup_ratio: float = 0.003
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    max_grad_norm: float = 1.0
+    mixed_precision: str = "bf16"  # bf16 | fp16 | no
+    deepspeed: Optional[str] = None  # path to configs/deepspeed/zero{1,2,3}.json
+    save_steps: int = 1000
+    save_total_limit: int = 1
+    logging_steps: int = 10
+    sample_steps: int = 0  # 0 = never; else a PNG grid of validation prompts every N steps
+    resume_from_checkpoint: Optional[str] = None  # a checkpoint dir or "latest"
+    report_to: str = "none"  # none | wandb (offline works: WANDB_MODE=offline)
+    ema_decay: float = 0.0  # 0 = no EMA
+    max_nonfinite_steps: int = 5  # consecutive non-finite losses before stopping
+    device: str = "auto"
+
+
+@dataclass
+class ExperimentConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
+
+# Presets: applied before the YAML body, so a YAML only states what differs.
+PRESETS: Dict[str, Dict[str, Dict[str, Any]]] = {
+    "official-8b": {
+        "model": {"backbone": "qwen2_5_vl", "backbone_path": "Qwen/Qwen2.5-VL-7B-Instruct",
+                  "target": "eva_clip", "target_preset": "official", "dit_preset": "official"},
+    },
+    "official-4b": {
+        "model": {"backbone": "qwen2_5_vl", "backbone_path": "Qwen/Qwen2.5-VL-3B-Instruct",
+                  "target": "eva_clip", "target_preset": "official", "dit_preset": "official"},
+    },
+    "tiny": {
+        "model": {"backbone_path": "tiny", "target_preset": "tiny", "dit_preset": "tiny", "decoder": "none",
+                  "gradient_checkpointing": False, "max_length": 128},
+        "train": {"mixed_precision": "no", "per_device_train_batch_size": 8, "max_steps": 200,
+                  "learning_rate": 3e-4, "warmup_ratio": 0.0, "save_steps": 100, "logging_steps": 10},
+        "data": {"num_workers": 0, "shuffle_buffer": 100},
+    },
+}
+
+CHOICES = {
+    ("model", "backbone"): BACKBONES, ("model", "target"): TARGETS, ("model", "objective"): OBJECTIVES,
+    ("model", "decoder"): DECODERS, ("model", "recipe"): RECIPES,
+    ("model", "time_sampling"): ("uniform", "logit_normal"), ("model", "target_norm"): ("none", "channel"),
+    ("model", "target_preset"): ("official", "tiny"), ("model", "dit_preset"): ("official", "tiny", "small"),
+    ("train", "mixed_precision"): ("bf16", "fp16", "no"), ("train", "report_to"): ("none", "wandb"),
+    ("train", "lr_scheduler_type"): ("cosine_with_min_lr", "cosine", "constant_with_warmup", "linear", "constant"),
+}
+
+
+# ----------------------------------------------------------------------------------------------
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+
+
+def _coerce(value: Any, tp, where: str) -> Any:
+    """Checks `value` against the annotation `tp`, allowing int -> float and nothing else implicit."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is Union:
+        if value is None and type(None) in args:
+            return None
+        last = None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, where)
+            except ConfigError as e:
+                last = e
+        raise last or ConfigError(f"{where}: bad value {value!r}")
+    if tp is Any:
+        return value
+    if origin in (list, List, Sequence):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return list(value)
+    if origin in (dict, Dict):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected bool (true/false), got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected int, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{where}: expected float, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{where}: expected str, got {value!r}")
+    return value
+
+
+def _set(section_obj, section: str, key: str, value: Any) -> None:
+    cls = type(section_obj)
+    hints = typing.get_type_hints(cls)
+    if key not in hints:
+        close = difflib.get_close_matches(key, list(hints), n=1)
+        hint = f" (did you mean '{section}.{close[0]}'?)" if close else ""
+        raise ConfigError(f"unknown field '{section}.{key}'{hint}")
+    where = f"{section}.{key}"
+    value = _coerce(value, hints[key], where)
+    choices = CHOICES.get((section, key))
+    if choices is not None and value not in choices:
+        raise ConfigError(f"{where}: '{value}' is not one of {list(choices)}")
+    setattr(section_obj, key, value)
+
+
+def apply_dict(cfg: ExperimentConfig, body: Dict[str, Any], source: str = "config") -> ExperimentConfig:
+    if not isinstance(body, dict):
+        raise ConfigError(f"{source}: top level must be a mapping with model/data/train sections")
+    for section, values in body.items():
+        if section == "preset":
+            continue
+        if section not in SECTIONS:
+            close = difflib.get_close_matches(str(section), list(SECTIONS) + ["preset"], n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(f"unknown section '{section}' in {source}{hint}")
+        if values is None:
+            continue
+        if not isinstance(values, dict):
+            raise ConfigError(f"{section}: expected a mapping in {source}, got {values!r}")
+        for k, v in values.items():
+            _set(getattr(cfg, section), section, k, v)
+    return cfg
+
+
+def parse_override(item: str):
+    if "=" not in item:
+        raise ConfigError(f"override '{item}' must look like section.field=value")
+    key, raw = item.split("=", 1)
+    if key == "preset":
+        return "preset", "preset", raw
+    if "." not in key:
+        raise ConfigError(f"override '{item}' must name its section, e.g. train.{key}={raw}")
+    section, name = key.split(".", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return section, name, value
+
+
+def load_config(path: Optional[Union[str, Path]] = None, overrides: Sequence[str] = (),
+                preset: Optional[str] = None) -> ExperimentConfig:
+    """YAML file (optional) -> preset -> YAML body -> CLI overrides, validated at every step."""
+    body: Dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            body = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: invalid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(body, dict):
+            raise ConfigError(f"{p}: top level must be a mapping with model/data/train sections")
+    ov = [parse_override(o) for o in overrides]
+    for s, n, v in ov:  # a `preset=...` override picks the preset too
+        if s == "preset":
+            preset = v
+    preset = preset or body.get("preset")
+    cfg = ExperimentConfig()
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ConfigError(f"preset: '{preset}' is not one of {sorted(PRESETS)}")
+        apply_dict(cfg, PRESETS[preset], f"preset {preset}")
+    apply_dict(cfg, body, str(path))
+    for section, name, value in ov:
+        if section == "preset":
+            continue
+        if section not in SECTIONS:
+            raise ConfigError(f"unknown section '{section}' in override '{section}.{name}'")
+        if "." in name:  # dict fields: model.dit.dim=128
+            head, sub = name.split(".", 1)
+            cur = getattr(getattr(cfg, section), head, None)
+            if not isinstance(cur, dict):
+                raise ConfigError(f"{section}.{head} is not a mapping; cannot set {section}.{name}")
+            cur = dict(cur)
+            cur[sub] = value
+            _set(getattr(cfg, section), section, head, cur)
+        else:
+            _set(getattr(cfg, section), section, name, value)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: ExperimentConfig) -> None:
+    m, t = cfg.model, cfg.train
+    if m.num_queries < 1:
+        raise ConfigError(f"model.num_queries: must be >= 1, got {m.num_queries}")
+    if not 0.0 <= m.cfg_dropout < 1.0:
+        raise ConfigError(f"model.cfg_dropout: must be in [0, 1), got {m.cfg_dropout}")
+    if m.recipe == "joint" and m.text_loss_weight <= 0:
+        raise ConfigError("model.text_loss_weight: the joint recipe needs a positive text loss weight")
+    if t.learning_rate <= 0:
+        raise ConfigError(f"train.learning_rate: must be > 0, got {t.learning_rate}")
+    if t.per_device_train_batch_size < 1:
+        raise ConfigError(f"train.per_device_train_batch_size: must be >= 1, got {t.per_device_train_batch_size}")
+    if m.max_length <= m.num_queries + 16:
+        raise ConfigError(f"model.max_length: {m.max_length} leaves no room for the prompt next to {m.num_queries} queries")
+
+
+def config_from_dict(d: Dict[str, Any]) -> ExperimentConfig:
+    return apply_dict(ExperimentConfig(), d, "dict")

@@ -1,0 +1,100 @@
+"""Build a fresh model for training from a typed ModelConfig: pretrained backbone + target encoder
++ new queries and DiT. (Loading a saved model is ``Blip3oForConditionalGeneration.from_pretrained``.)"""
+from __future__ import annotations
+
+import logging
+from typing import Tuple
+
+import torch
+
+from blip3o.config import ModelConfig
+from blip3o.models.backbone import check_local_or_allowed, get_backbone, materialize, resolve_backbone_path
+from blip3o.models.blip3o import Blip3oConfig, Blip3oForConditionalGeneration
+from blip3o.prompts import IMG_START_TOKEN, add_special_tokens
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_target_path(cfg: ModelConfig) -> str:
+    from blip3o.models import targets
+
+    if cfg.target_path:
+        return cfg.target_path
+    if cfg.target_preset == "tiny":
+        return materialize("target", cfg.target, lambda p, s: targets.make_tiny_target(cfg.target, p, seed=s))
+    raise ValueError(f"model.target_path: set a local directory with the {cfg.target} encoder weights "
+                     f"(official presets cannot be downloaded here)")
+
+
+def load_target(cfg: ModelConfig):
+    from blip3o.models.targets import build_target_encoder, load_target_encoder
+
+    path = resolve_target_path(cfg)
+    try:
+        return load_target_encoder(path)
+    except (FileNotFoundError, OSError, ValueError):
+        # A raw weight file/dir rather than one written by TargetEncoder.save_pretrained.
+        return build_target_encoder(cfg.target, pretrained=path, preset=cfg.target_preset)
+
+
+def dit_config_for(cfg: ModelConfig, channels: int, grid, hidden: int) -> dict:
+    from blip3o.models.dit import DIT_PRESETS
+
+    if cfg.dit_preset not in DIT_PRESETS:
+        raise ValueError(f"model.dit_preset: '{cfg.dit_preset}' is not one of {sorted(DIT_PRESETS)}")
+    d = DIT_PRESETS[cfg.dit_preset].to_dict()
+    d.update(in_channels=channels, input_size=grid[0], caption_dim=hidden)
+    unknown = set(cfg.dit) - set(d)
+    if unknown:
+        raise ValueError(f"model.dit: unknown field(s) {sorted(unknown)}; DiT fields are {sorted(d)}")
+    d.update(cfg.dit)
+    d["gradient_checkpointing"] = cfg.gradient_checkpointing
+    return d
+
+
+def embed_new_tokens_as_mean(backbone, tokenizer, new_ids) -> None:
+    """Resize embeddings to the tokenizer and set new rows to the mean of the old ones (reference §1.2)."""
+    emb = backbone.get_input_embeddings()
+    old = emb.weight.shape[0]
+    if old < len(tokenizer):
+        backbone.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        emb = backbone.get_input_embeddings()
+        with torch.no_grad():
+            mean = emb.weight[: min(new_ids)].mean(0)
+            for i in new_ids:
+                emb.weight[i] = mean
+
+
+def build_model(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> Tuple[Blip3oForConditionalGeneration, object]:
+    from transformers import AutoTokenizer
+
+    adapter = get_backbone(cfg.backbone)
+    bpath = resolve_backbone_path(cfg.backbone, cfg.backbone_path)
+    check_local_or_allowed(bpath, "model.backbone_path")
+    tokenizer = AutoTokenizer.from_pretrained(bpath)
+    had = set(tokenizer.get_vocab())
+    ids = add_special_tokens(tokenizer)
+    tokenizer.padding_side = "left"
+    backbone = adapter.from_pretrained(bpath, dtype=dtype, attn_implementation=cfg.attn_implementation)
+    embed_new_tokens_as_mean(backbone, tokenizer, [i for t, i in ids.items() if t not in had])
+    hidden = adapter.hidden_size(backbone)
+
+    target = load_target(cfg)
+    channels, grid = target.channels, list(target.grid)
+    objective_kwargs = dict(time_sampling=cfg.time_sampling, logit_mean=cfg.logit_mean, logit_std=cfg.logit_std,
+                            shift=cfg.time_shift)
+    config = Blip3oConfig(
+        backbone=cfg.backbone, backbone_config=backbone.config.to_dict(), backbone_path=bpath, recipe=cfg.recipe,
+        num_queries=cfg.num_queries, dit_config=dit_config_for(cfg, channels, grid, hidden), target=cfg.target,
+        target_channels=channels, target_grid=grid, target_path=resolve_target_path(cfg),
+        target_norm=cfg.target_norm, objective=cfg.objective, objective_kwargs=objective_kwargs,
+        cfg_dropout=cfg.cfg_dropout, text_loss_weight=cfg.text_loss_weight if cfg.recipe == "joint" else 0.0,
+        decoder=cfg.decoder, decoder_path=cfg.decoder_path, num_inference_steps=cfg.num_inference_steps,
+        guidance_scale=cfg.guidance_scale, max_length=cfg.max_length, chat_template=adapter.template.name,
+        img_token_id=tokenizer.convert_tokens_to_ids(IMG_START_TOKEN),
+        attn_implementation_backbone=cfg.attn_implementation,
+    )
+    model = Blip3oForConditionalGeneration(config, backbone=backbone)
+    model.tokenizer = tokenizer
+    model.attach_target_encoder(target)
+    return model, tokenizer

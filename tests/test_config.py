@@ -1,0 +1,52 @@
+import pytest
+
+from blip3o.config import ConfigError, load_config
+
+
+def test_defaults_are_the_paper():
+    cfg = load_config()
+    m, t = cfg.model, cfg.train
+    assert (m.backbone, m.target, m.objective, m.num_queries) == ("qwen2_5_vl", "eva_clip", "flow", 64)
+    assert m.backbone_path == "Qwen/Qwen2.5-VL-7B-Instruct"
+    assert (m.cfg_dropout, m.num_inference_steps, m.guidance_scale) == (0.1, 30, 3.0)
+    assert (t.learning_rate, t.min_lr, t.lr_scheduler_type, t.warmup_ratio) == (1e-4, 1e-5, "cosine_with_min_lr", 0.003)
+    assert (t.per_device_train_batch_size, t.mixed_precision, m.max_length) == (16, "bf16", 512)
+
+
+def test_presets_and_overrides(tmp_path):
+    y = tmp_path / "exp.yaml"
+    y.write_text("preset: tiny\nmodel: {objective: mse, target: siglip}\ntrain: {max_steps: 7}\n")
+    cfg = load_config(y, ["train.learning_rate=0.01", "model.dit.dim=32", "data.train_shards=/x/{0..3}.tar"])
+    assert cfg.model.backbone_path == "tiny" and cfg.model.objective == "mse" and cfg.model.target == "siglip"
+    assert cfg.train.max_steps == 7 and cfg.train.learning_rate == 0.01 and cfg.model.dit == {"dim": 32}
+    assert cfg.data.train_shards == "/x/{0..3}.tar"
+    assert load_config(None, ["preset=official-4b"]).model.backbone_path == "Qwen/Qwen2.5-VL-3B-Instruct"
+
+
+@pytest.mark.parametrize("override,fragment", [
+    (["train.learning_rate=fast"], "train.learning_rate: expected float"),
+    (["train.max_step=3"], "unknown field 'train.max_step' (did you mean 'train.max_steps'?)"),
+    (["model.objective=diffusion"], "model.objective: 'diffusion' is not one of"),
+    (["model.num_queries=1.5"], "model.num_queries: expected int"),
+    (["modle.num_queries=3"], "unknown section 'modle'"),
+    (["max_steps=3"], "must name its section"),
+    (["preset=huge"], "preset: 'huge' is not one of"),
+    (["model.cfg_dropout=1.5"], "model.cfg_dropout: must be in [0, 1)"),
+])
+def test_bad_config_is_one_line_naming_the_field(override, fragment):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, override)
+    msg = str(e.value)
+    assert fragment in msg and "\n" not in msg
+
+
+def test_bad_yaml(tmp_path):
+    y = tmp_path / "bad.yaml"
+    y.write_text("model:\n  num_queries: [1\n")
+    with pytest.raises(ConfigError, match="invalid YAML"):
+        load_config(y)
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    y.write_text("trian: {max_steps: 3}\n")
+    with pytest.raises(ConfigError, match="did you mean 'train'"):
+        load_config(y)
