@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +46,7 @@ class ModelConfig:
     backbone: str = "qwen2_5_vl"
     backbone_path: str = "Qwen/Qwen2.5-VL-7B-Instruct"
     recipe: str = "sequential"  # sequential: frozen backbone; joint: backbone trains + text loss
+    init_from: Optional[str] = None  # start from a saved BLIP3-o model dir (instruction tuning, continued training)
     num_queries: int = 64
     attn_implementation: str = "sdpa"
     # Target (what the DiT generates).
@@ -90,6 +92,7 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
+    task: str = "t2i"  # t2i: queries + DiT (the paper) | decoder: CLIP->pixels decoder by reconstruction
     output_dir: str = "outputs/run"
     seed: int = 42
     max_steps: int = 150_000
@@ -152,7 +155,7 @@ CHOICES = {
     ("model", "decoder"): DECODERS, ("model", "recipe"): RECIPES,
     ("model", "time_sampling"): ("uniform", "logit_normal"), ("model", "target_norm"): ("none", "channel"),
     ("model", "target_preset"): ("official", "tiny"), ("model", "dit_preset"): ("official", "tiny", "small"),
-    ("train", "mixed_precision"): ("bf16", "fp16", "no"), ("train", "report_to"): ("none", "wandb"),
+    ("train", "mixed_precision"): ("bf16", "fp16", "no"), ("train", "task"): ("t2i", "decoder"), ("train", "report_to"): ("none", "wandb"),
     ("train", "lr_scheduler_type"): ("cosine_with_min_lr", "cosine", "constant_with_warmup", "linear", "constant"),
 }
 
@@ -215,6 +218,8 @@ def _set(section_obj, section: str, key: str, value: Any) -> None:
         hint = f" (did you mean '{section}.{close[0]}'?)" if close else ""
         raise ConfigError(f"unknown field '{section}.{key}'{hint}")
     where = f"{section}.{key}"
+    if isinstance(value, str) and "$" in value:
+        value = os.path.expandvars(value)  # ${IMG_FOLDER} etc., as the original launch scripts use
     value = _coerce(value, hints[key], where)
     choices = CHOICES.get((section, key))
     if choices is not None and value not in choices:

@@ -15,7 +15,7 @@ import blip3o  # noqa: E402,F401  (torchvision shim before transformers/timm)
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # tiny ops: threads only add contention (and CI shares 2 cores)
 
 
 @pytest.fixture(scope="session")

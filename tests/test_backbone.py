@@ -17,7 +17,7 @@ def bare_model(backbone="qwen2_5_vl", recipe="sequential"):
     dit = DIT_PRESETS["tiny"].to_dict()
     dit.update(in_channels=8, input_size=8, caption_dim=adapter.hidden_size(bb))
     cfg = Blip3oConfig(backbone=backbone, backbone_config=bb.config.to_dict(), num_queries=16, dit_config=dit,
-                       target_channels=8, target_grid=[8, 8], chat_template=adapter.template.name, max_length=96,
+                       target_channels=8, target_grid=[8, 8], chat_template=adapter.template.name, max_prompt_length=96,
                        recipe=recipe, text_loss_weight=1.0 if recipe == "joint" else 0.0)
     torch.manual_seed(0)
     m = Blip3oForConditionalGeneration(cfg, backbone=bb)

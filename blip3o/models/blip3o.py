@@ -61,7 +61,7 @@ class Blip3oConfig(PretrainedConfig):
         decoder_path: Optional[str] = None,
         num_inference_steps: int = 30,
         guidance_scale: float = 3.0,
-        max_length: int = 512,
+        max_prompt_length: int = 512,
         chat_template: str = "chatml",
         img_token_id: Optional[int] = None,
         attn_implementation_backbone: str = "sdpa",
@@ -87,7 +87,7 @@ class Blip3oConfig(PretrainedConfig):
         self.decoder_path = decoder_path
         self.num_inference_steps = num_inference_steps
         self.guidance_scale = guidance_scale
-        self.max_length = max_length
+        self.max_prompt_length = max_prompt_length
         self.chat_template = chat_template
         self.img_token_id = img_token_id
         self.attn_implementation_backbone = attn_implementation_backbone
@@ -273,7 +273,7 @@ class Blip3oForConditionalGeneration(PreTrainedModel):
             if not isinstance(p, str) or not p.strip():
                 raise ValueError("prompts must be non-empty strings")
         return encode_generation_prompts(tokenizer, list(prompts), get_template(self.config.chat_template),
-                                         max_length=self.config.max_length, num_queries=self.config.num_queries)
+                                         max_length=self.config.max_prompt_length, num_queries=self.config.num_queries)
 
     @torch.no_grad()
     def generate_features(

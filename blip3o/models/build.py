@@ -68,6 +68,8 @@ def embed_new_tokens_as_mean(backbone, tokenizer, new_ids) -> None:
 def build_model(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> Tuple[Blip3oForConditionalGeneration, object]:
     from transformers import AutoTokenizer
 
+    if cfg.init_from:
+        return _from_saved(cfg)
     adapter = get_backbone(cfg.backbone)
     bpath = resolve_backbone_path(cfg.backbone, cfg.backbone_path)
     check_local_or_allowed(bpath, "model.backbone_path")
@@ -90,7 +92,7 @@ def build_model(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> Tuple[B
         target_norm=cfg.target_norm, objective=cfg.objective, objective_kwargs=objective_kwargs,
         cfg_dropout=cfg.cfg_dropout, text_loss_weight=cfg.text_loss_weight if cfg.recipe == "joint" else 0.0,
         decoder=cfg.decoder, decoder_path=cfg.decoder_path, num_inference_steps=cfg.num_inference_steps,
-        guidance_scale=cfg.guidance_scale, max_length=cfg.max_length, chat_template=adapter.template.name,
+        guidance_scale=cfg.guidance_scale, max_prompt_length=cfg.max_length, chat_template=adapter.template.name,
         img_token_id=tokenizer.convert_tokens_to_ids(IMG_START_TOKEN),
         attn_implementation_backbone=cfg.attn_implementation,
     )
@@ -98,3 +100,25 @@ def build_model(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> Tuple[B
     model.tokenizer = tokenizer
     model.attach_target_encoder(target)
     return model, tokenizer
+
+
+def _from_saved(cfg: ModelConfig):
+    """Continue from a saved model (ours or official layout): the recipe and loss settings of the new
+    config apply; architecture and weights come from the directory."""
+    import os
+
+    if not os.path.isdir(cfg.init_from):
+        raise FileNotFoundError(f"model.init_from: '{cfg.init_from}' is not a directory")
+    model = Blip3oForConditionalGeneration.from_pretrained(cfg.init_from)
+    model.config.recipe = cfg.recipe
+    model.config.cfg_dropout = cfg.cfg_dropout
+    model.config.text_loss_weight = cfg.text_loss_weight if cfg.recipe == "joint" else 0.0
+    model.apply_recipe()
+    if model._target_encoder is None:
+        try:
+            model.target_encoder  # noqa: B018  (loads from the saved target_path)
+        except (RuntimeError, FileNotFoundError, OSError, ValueError):
+            model.attach_target_encoder(load_target(cfg))
+    if model.tokenizer is None:
+        raise FileNotFoundError(f"model.init_from: no tokenizer files in {cfg.init_from}")
+    return model, model.tokenizer

@@ -149,7 +149,7 @@ def load_official(path: str, dtype: torch.dtype = None, **unused):
         objective="flow", decoder="sdxl",
         decoder_path="diffusion-decoder" if (root / "diffusion-decoder").is_dir() else None,
         chat_template="chatml", img_token_id=tok_img or 151665,
-        max_length=int(raw.get("tokenizer_model_max_length", 512)),
+        max_prompt_length=int(raw.get("tokenizer_model_max_length", 512)),
     )
     with no_init_weights():
         model = Blip3oForConditionalGeneration(config)

@@ -1,0 +1,66 @@
+"""Train BLIP3-o (or its pixel decoder). One command for every scale:
+
+    # CPU, the tiny toy-world preset
+    python -m blip3o.train configs/toy.yaml train.max_steps=20
+    # one node, 8 GPUs, DeepSpeed ZeRO-1 (the paper's pretraining)
+    torchrun --nproc_per_node=8 -m blip3o.train configs/pretrain_8b.yaml data.train_shards=$IMG_FOLDER
+    # the DeepSpeed launcher
+    deepspeed --num_gpus 8 --module blip3o.train configs/pretrain_8b.yaml
+    # multi-node under Slurm: see slurm.sh (srun + torchrun c10d rendezvous)
+    # resume after a crash or preemption
+    python -m blip3o.train configs/toy.yaml train.resume_from_checkpoint=latest
+
+Arguments: a YAML experiment file (optional) followed by section.field=value overrides.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+
+def main(argv=None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    p = argparse.ArgumentParser(prog="python -m blip3o.train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", nargs="?", help="experiment YAML (configs/*.yaml)")
+    p.add_argument("overrides", nargs="*", help="section.field=value")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
+    args = p.parse_args(argv)
+    if args.config and "=" in args.config:  # only overrides given
+        args.overrides.insert(0, args.config)
+        args.config = None
+    if args.local_rank is not None:
+        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+
+    import blip3o  # noqa: F401  (torchvision shim first)
+    from blip3o.config import ConfigError, load_config
+
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format=f"%(asctime)s [rank{rank}] %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from blip3o.train.tasks import get_task
+    from blip3o.train.trainer import NonFiniteLossError, Trainer
+
+    try:
+        trainer = Trainer(cfg, get_task(cfg.train.task))
+        trainer.train()
+    except (FileNotFoundError, ValueError, NonFiniteLossError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

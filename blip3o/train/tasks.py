@@ -1,0 +1,204 @@
+"""Training tasks: what the generic loop optimises.
+
+* ``t2i``: the BLIP3-o generator (queries + DiT, optionally the backbone in the joint recipe) on
+  caption/image data — the paper's training.
+* ``decoder``: the CLIP->pixels diffusion decoder by reconstruction (frozen target encoder ->
+  features -> decoder recovers the image).
+
+A task provides ``model``, ``build_loader``, ``to_device``, ``loss``, ``flops_per_sample``,
+``sample`` and ``save_final``; the loop in ``trainer.py`` does the rest.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+
+from blip3o.config import ExperimentConfig
+from blip3o.train.distributed import DistInfo
+
+logger = logging.getLogger("blip3o.train")
+
+DEFAULT_VAL_PROMPTS = ["a red circle", "two blue squares", "a green triangle to the left of a yellow circle",
+                       "three purple circles"]
+
+
+def _read_eval_prompts(path: Optional[str], n: int = 8) -> List[str]:
+    if not path or not Path(path).is_file():
+        return DEFAULT_VAL_PROMPTS
+    out = []
+    for line in Path(path).read_text().splitlines():
+        if line.strip():
+            out.append(json.loads(line)["prompt"])
+        if len(out) >= n:
+            break
+    return out or DEFAULT_VAL_PROMPTS
+
+
+def move(batch, device):
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: move(v, device) for k, v in batch.items()}
+    return batch
+
+
+def feature_summary_image(x: torch.Tensor, cell: int = 8):
+    """Without a pixel decoder, a sample grid shows each feature map's first three principal
+    components as RGB (one tile per sample), enough to see collapse or mode structure."""
+    from PIL import Image
+
+    b, c, h, w = x.shape
+    flat = x.float().permute(0, 2, 3, 1).reshape(-1, c)
+    flat = flat - flat.mean(0)
+    _, _, v = torch.pca_lowrank(flat, q=min(3, c), center=False)
+    proj = (flat @ v[:, :3]).reshape(b, h, w, -1)
+    lo, hi = proj.amin(dim=(0, 1, 2)), proj.amax(dim=(0, 1, 2))
+    proj = ((proj - lo) / (hi - lo + 1e-6) * 255).byte()
+    if proj.shape[-1] < 3:
+        proj = torch.cat([proj, proj[..., :1].expand(-1, -1, -1, 3 - proj.shape[-1])], -1)
+    tiles = [Image.fromarray(p.numpy()).resize((w * cell, h * cell), Image.NEAREST) for p in proj]
+    return make_grid(tiles)
+
+
+def make_grid(images, cols: Optional[int] = None):
+    from PIL import Image
+
+    n = len(images)
+    cols = cols or min(n, 4)
+    rows = (n + cols - 1) // cols
+    w, h = images[0].size
+    grid = Image.new("RGB", (cols * w, rows * h), "white")
+    for i, im in enumerate(images):
+        grid.paste(im.convert("RGB"), ((i % cols) * w, (i // cols) * h))
+    return grid
+
+
+class T2ITask:
+    def __init__(self, cfg: ExperimentConfig, dist: DistInfo):
+        from blip3o.models.build import build_model
+
+        self.cfg = cfg
+        self.dist = dist
+        self.model, self.tokenizer = build_model(cfg.model)
+        self.target = self.model.target_encoder  # attached by build_model
+        self.target.to(dist.device)
+        if cfg.model.gradient_checkpointing:
+            self.model.set_gradient_checkpointing(True)
+        self.val_prompts = _read_eval_prompts(cfg.data.eval_prompts)
+        self.decoder = None
+        if cfg.model.decoder_path:
+            from blip3o.decoders import load_decoder
+
+            self.decoder = load_decoder(cfg.model.decoder_path)
+
+    def build_loader(self, rank: int, world_size: int, seed: int):
+        from blip3o.data import build_train_dataloader
+        from blip3o.prompts import get_template
+
+        c = self.cfg
+        return build_train_dataloader(
+            c.data, self.tokenizer, image_transform=self.target.transform, rank=rank, world_size=world_size,
+            seed=seed, batch_size=c.train.per_device_train_batch_size, num_workers=c.data.num_workers,
+            template=get_template(self.model.config.chat_template), num_queries=c.model.num_queries,
+            max_length=c.model.max_length, target_signature=self.target.signature())
+
+    def to_device(self, batch, device):
+        batch = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
+        batch = move(batch, device)
+        if "target_latents" not in batch and "pixel_values" in batch:
+            with torch.no_grad():
+                batch["target_latents"] = self.target.encode(batch.pop("pixel_values"))
+        if self.model.config.target_norm == "channel" and not getattr(self, "_stats_done", False):
+            if float(self.model.target_std.sum()) == self.model.target_std.numel() and \
+                    float(self.model.target_mean.abs().sum()) == 0.0:
+                self.model.init_target_stats(batch["target_latents"])  # first batch of a fresh run
+            self._stats_done = True
+        return batch
+
+    def loss(self, module, batch):
+        out = module(**batch)
+        return out.loss, out.parts or {}
+
+    def flops_per_sample(self) -> Dict[str, float]:
+        m = self.model
+        dit = sum(p.numel() for p in m.dit.parameters())
+        tokens = m.config.target_grid[0] * m.config.target_grid[1] // (m.dit.cfg.patch_size ** 2)
+        emb = m.backbone.get_input_embeddings().weight.numel()
+        bb = sum(p.numel() for p in m.adapter.decoder(m.backbone).parameters()) - emb
+        seq = min(m.config.max_prompt_length, 128) + m.config.num_queries  # typical prompt length + queries
+        # fwd + bwd of the DiT (6 N per token); the frozen backbone: forward (2 N per token) plus the
+        # activation-gradient half of its backward (2 N per token), needed to reach the queries.
+        return {"trainable": 6.0 * dit * tokens, "frozen": 4.0 * bb * seq}
+
+    @torch.no_grad()
+    def generate(self, prompts, seed: int = 0, ema=None):
+        m = self.model
+        was = m.training
+        m.eval()
+        backup = None
+        if ema is not None:
+            backup = {n: p.detach().clone() for n, p in m.named_parameters() if n in ema.shadow}
+            for n, p in m.named_parameters():
+                if n in ema.shadow:
+                    p.copy_(ema.shadow[n])
+        try:
+            gens = [torch.Generator().manual_seed(seed + i) for i in range(len(prompts))]
+            feats = m.generate_features(prompts, generator=gens)
+        finally:
+            if backup is not None:
+                for n, p in m.named_parameters():
+                    if n in backup:
+                        p.copy_(backup[n])
+            m.train(was)
+        return feats
+
+    def decode(self, feats):
+        if self.decoder is not None:
+            tokens = feats.flatten(2).transpose(1, 2)  # (B, C, h, w) -> (B, h*w, C), row-major
+            return self.decoder(tokens, output_type="pil")
+        if self.cfg.model.target == "vae":
+            pix = self.target.decode(feats.to(self.dist.device)).clamp(-1, 1)
+            from PIL import Image
+
+            arr = ((pix + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+            return [Image.fromarray(a) for a in arr]
+        return None
+
+    def sample(self, path: Path, ema=None):
+        feats = self.generate(self.val_prompts, ema=ema)
+        images = self.decode(feats)
+        grid = make_grid(images) if images else feature_summary_image(feats.cpu())
+        path.parent.mkdir(parents=True, exist_ok=True)
+        grid.save(path)
+        return path
+
+    def save_final(self, out: Path, ema=None):
+        m = self.model
+        if ema is not None:
+            with torch.no_grad():
+                for n, p in m.named_parameters():
+                    if n in ema.shadow:
+                        p.copy_(ema.shadow[n].to(p.dtype))
+        if self.cfg.model.decoder_path:
+            dst = out / "diffusion-decoder"
+            if Path(self.cfg.model.decoder_path).resolve() != dst.resolve():
+                shutil.rmtree(dst, ignore_errors=True)
+                shutil.copytree(self.cfg.model.decoder_path, dst)
+            m.config.decoder_path = "diffusion-decoder"
+        m.save_pretrained(out)
+        (out / "experiment.json").write_text(json.dumps(self.cfg.to_dict(), indent=2))
+        logger.info("saved final model to %s", out)
+
+
+TASKS = {"t2i": T2ITask}
+
+
+def get_task(name: str):
+    if name not in TASKS:
+        raise ValueError(f"train.task: '{name}' is not one of {sorted(TASKS)}")
+    return TASKS[name]

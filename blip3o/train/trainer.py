@@ -1,0 +1,359 @@
+"""The training loop: one code path for a laptop CPU, torchrun/DDP, the DeepSpeed launcher and Slurm.
+
+Thin by design: a *task* (``blip3o.train.tasks``) owns the model, its loss, its data and what a
+final model directory contains; this loop owns optimisation, mixed precision, distribution,
+checkpoints, exact resume, EMA, logging and failure handling. We drive ``deepspeed.initialize``
+ourselves rather than HF ``Trainer`` because exact resumption needs the streaming loader's position,
+every RNG and atomic checkpoint directories, and because accelerate+DeepSpeed mis-reads the world
+size on CPU (ENVIRONMENT.md), which would leave the data unsharded.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from blip3o.config import ExperimentConfig
+from blip3o.train import checkpoint as ckpt
+from blip3o.train.distributed import DistInfo, all_reduce_max, all_reduce_mean, barrier, init_distributed
+
+logger = logging.getLogger("blip3o.train")
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def build_scheduler(optimizer, cfg, total_steps: int):
+    from transformers import get_scheduler
+
+    warmup = int(math.ceil(cfg.warmup_ratio * total_steps))
+    kw = {}
+    name = cfg.lr_scheduler_type
+    if name == "cosine_with_min_lr":
+        kw["scheduler_specific_kwargs"] = {"min_lr": cfg.min_lr}
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps, **kw)
+
+
+def param_groups(named_params, weight_decay: float):
+    """No decay on biases, norms, gates and the query embeddings (LLaVA-style groups)."""
+    decay, no_decay = [], []
+    for n, p in named_params:
+        (no_decay if p.ndim < 2 or "norm" in n or n.endswith("latent_queries") else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+def device_peak_flops(device: torch.device) -> float:
+    """Peak dense FLOP/s for MFU: a table for known GPUs (bf16), a measured fp32 matmul on CPU."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        table = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "4090": 165e12}
+        for k, v in table.items():
+            if k in name:
+                return v
+        return 312e12
+    n = 512
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    t = time.perf_counter()
+    reps = 8
+    for _ in range(reps):
+        a @ b
+    return 2 * n ** 3 * reps / (time.perf_counter() - t)
+
+
+class EMA:
+    def __init__(self, named_params, decay: float):
+        self.decay = decay
+        self.shadow = {n: p.detach().clone().float() for n, p in named_params}
+
+    @torch.no_grad()
+    def update(self, named_params):
+        for n, p in named_params:
+            self.shadow[n].lerp_(p.detach().float(), 1 - self.decay)
+
+
+class Trainer:
+    def __init__(self, cfg: ExperimentConfig, task_factory):
+        self.cfg = cfg
+        t = cfg.train
+        self.ds_config = self._load_ds_config(t.deepspeed) if t.deepspeed else None
+        self.dist: DistInfo = init_distributed(t.device, need_group=self.ds_config is not None)
+        self.out = Path(t.output_dir)
+        if self.dist.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+        barrier()
+        torch.manual_seed(t.seed)  # same init of new modules on every rank
+        self.task = task_factory(cfg, self.dist)
+        self.model = self.task.model.to(self.dist.device)
+        self.named_trainable = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        if not self.named_trainable:
+            raise RuntimeError("nothing to train: no parameter requires grad")
+        self.step = 0
+        self.skipped_nonfinite = 0
+        self.consecutive_nonfinite = 0
+        self._stop_signal = None
+        self.ema = EMA(self.named_trainable, t.ema_decay) if t.ema_decay > 0 else None
+        self._setup_optimization()
+        self.loader = self.task.build_loader(self.dist.rank, self.dist.world_size, t.seed)
+        self.metrics_path = self.out / "metrics.jsonl"
+        self.wandb = None
+        self.peak_flops = device_peak_flops(self.dist.device)
+
+    # -- setup ------------------------------------------------------------------------------------
+    def _load_ds_config(self, path: str) -> Dict[str, Any]:
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"train.deepspeed: config file not found: {path}")
+        d = json.loads(p.read_text())
+        t = self.cfg.train
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        fill = {"train_micro_batch_size_per_gpu": t.per_device_train_batch_size,
+                "gradient_accumulation_steps": t.gradient_accumulation_steps,
+                "gradient_clipping": t.max_grad_norm,
+                "train_batch_size": t.per_device_train_batch_size * t.gradient_accumulation_steps * world}
+        for k, v in fill.items():
+            if d.get(k, "auto") == "auto":
+                d[k] = v
+        for prec in ("bf16", "fp16"):
+            if prec in d and d[prec].get("enabled") == "auto":
+                d[prec]["enabled"] = t.mixed_precision == prec
+        if "optimizer" in d:
+            for k, v in d["optimizer"].get("params", {}).items():
+                if v == "auto":
+                    d["optimizer"]["params"][k] = {"lr": t.learning_rate, "weight_decay": t.weight_decay,
+                                                   "betas": [t.adam_beta1, t.adam_beta2], "eps": 1e-8}[k]
+        d.setdefault("steps_per_print", 10 ** 9)
+        return d
+
+    def _setup_optimization(self):
+        t = self.cfg.train
+        self.engine = None
+        groups = param_groups(self.named_trainable, t.weight_decay)
+        if self.ds_config is not None:
+            import deepspeed
+
+            optimizer = None
+            if "optimizer" not in self.ds_config:
+                optimizer = torch.optim.AdamW(groups, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2))
+            self.engine, self.optimizer, _, _ = deepspeed.initialize(
+                model=self.model, model_parameters=groups if optimizer is None else None,
+                optimizer=optimizer, config=self.ds_config)
+            self.scheduler = build_scheduler(self.optimizer, t, t.max_steps)
+            self.forward_module = self.engine
+        else:
+            self.optimizer = torch.optim.AdamW(groups, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2))
+            self.scheduler = build_scheduler(self.optimizer, t, t.max_steps)
+            self.forward_module = self.model
+            if self.dist.distributed:
+                from torch.nn.parallel import DistributedDataParallel as DDP
+
+                ids = [self.dist.device.index] if self.dist.device.type == "cuda" else None
+                self.forward_module = DDP(self.model, device_ids=ids)
+
+    def _autocast(self):
+        mp = self.cfg.train.mixed_precision
+        if self.engine is not None or mp == "no":
+            return torch.autocast(self.dist.device.type, enabled=False)
+        return torch.autocast(self.dist.device.type, dtype=torch.bfloat16 if mp == "bf16" else torch.float16)
+
+    # -- checkpoints --------------------------------------------------------------------------------
+    def _trainable_state(self) -> Dict[str, torch.Tensor]:
+        sd = {n: p.detach().cpu().contiguous() for n, p in self.named_trainable}
+        for n, b in self.model.named_buffers():
+            if n in self.model.state_dict():  # persistent buffers only (e.g. target statistics)
+                sd[n] = b.detach().cpu().contiguous()
+        return sd
+
+    def save_checkpoint(self) -> Path:
+        t = self.cfg.train
+        tmp = ckpt.tmp_dir(self.out, self.step)
+        if self.dist.is_main:
+            if tmp.exists():
+                import shutil
+
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
+        barrier()
+        if self.engine is not None:
+            # ZeRO partitions optimizer state across ranks: every rank writes its own shard.
+            self.engine.save_checkpoint(str(tmp / "deepspeed"), tag="state")
+        if self.dist.is_main:
+            save_file(self._trainable_state(), str(tmp / "trainable.safetensors"))
+            if self.ema is not None:
+                save_file({k: v.contiguous() for k, v in self.ema.shadow.items()}, str(tmp / "ema.safetensors"))
+            if self.engine is None:
+                torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
+            ckpt.write_json(tmp / "trainer_state.json", {
+                "step": self.step, "skipped_nonfinite": self.skipped_nonfinite, "world_size": self.dist.world_size,
+                "config": self.cfg.to_dict()})
+        torch.save({"rng": ckpt.rng_state(), "data": self.loader.state_dict()}, tmp / f"rank{self.dist.rank}.pt")
+        barrier()
+        final = None
+        if self.dist.is_main:
+            final = ckpt.finalize(self.out, self.step)
+            ckpt.rotate(self.out, t.save_total_limit)
+            logger.info("saved checkpoint %s", final)
+        barrier()
+        return final or self.out / f"checkpoint-{self.step}"
+
+    def load_checkpoint(self, path: Path) -> None:
+        state = json.loads((path / "trainer_state.json").read_text())
+        if state["world_size"] != self.dist.world_size:
+            raise RuntimeError(f"checkpoint {path} was written by {state['world_size']} processes, this run has "
+                               f"{self.dist.world_size}: the data position cannot be resumed exactly")
+        sd = load_file(str(path / "trainable.safetensors"))
+        missing, unexpected = self.model.load_state_dict(sd, strict=False)
+        names = {n for n, _ in self.named_trainable}
+        if names - set(sd):
+            raise RuntimeError(f"checkpoint {path} lacks trainable tensors: {sorted(names - set(sd))[:5]}")
+        if self.engine is not None:
+            self.engine.load_checkpoint(str(path / "deepspeed"), tag="state", load_module_strict=False)
+        else:
+            self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
+        self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
+        if self.ema is not None and (path / "ema.safetensors").is_file():
+            self.ema.shadow = {k: v.float() for k, v in load_file(str(path / "ema.safetensors")).items()}
+        rank_state = torch.load(path / f"rank{self.dist.rank}.pt", weights_only=False)
+        ckpt.set_rng_state(rank_state["rng"])
+        self.loader.load_state_dict(rank_state["data"])
+        self.step = state["step"]
+        self.skipped_nonfinite = state.get("skipped_nonfinite", 0)
+        logger.info("resumed from %s at step %d", path, self.step)
+
+    # -- logging ------------------------------------------------------------------------------------
+    def _log(self, rec: Dict[str, Any]) -> None:
+        if not self.dist.is_main:
+            return
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        if self.wandb is not None:
+            self.wandb.log(rec, step=rec["step"])
+
+    def _init_wandb(self):
+        if self.cfg.train.report_to != "wandb" or not self.dist.is_main:
+            return
+        import wandb
+
+        self.wandb = wandb.init(project=os.environ.get("WANDB_PROJECT", "blip3o"), dir=str(self.out),
+                                config=self.cfg.to_dict(), mode=os.environ.get("WANDB_MODE", "offline"))
+
+    def _on_signal(self, signum, frame):
+        self._stop_signal = signum
+
+    # -- the loop -------------------------------------------------------------------------------------
+    def train(self) -> Dict[str, Any]:
+        t = self.cfg.train
+        resume = ckpt.resolve_resume(self.out, t.resume_from_checkpoint)
+        if resume is not None:
+            self.load_checkpoint(resume)
+        elif t.resume_from_checkpoint == "latest":
+            logger.info("resume_from_checkpoint=latest: no checkpoint in %s, starting fresh", self.out)
+        signal.signal(signal.SIGTERM, self._on_signal)  # Slurm preemption: checkpoint, then exit
+        self._init_wandb()
+        flops = self.task.flops_per_sample()
+        bsz = t.per_device_train_batch_size
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=t.max_steps, initial=self.step, disable=not self.dist.is_main, desc="train",
+                   dynamic_ncols=True, mininterval=1.0)
+        it = iter(self.loader)
+        window_t, window_samples = time.perf_counter(), 0
+        last = {}
+        self.model.train()
+        while self.step < t.max_steps:
+            step_start = time.perf_counter()
+            loss_sum, parts_sum, finite = 0.0, {}, True
+            accum = t.gradient_accumulation_steps
+            for _ in range(accum):
+                batch = self.task.to_device(next(it), self.dist.device)
+                with self._autocast():
+                    loss, parts = self.task.loss(self.forward_module, batch)
+                # Every rank must agree to skip, or collective ops would deadlock.
+                if all_reduce_max(0.0 if torch.isfinite(loss).item() else 1.0):
+                    finite = False
+                    break
+                if self.engine is not None:
+                    self.engine.backward(loss)
+                    self.engine.step()  # DeepSpeed applies the update itself at the accumulation boundary
+                else:
+                    (loss / accum).backward()
+                loss_sum += loss.item() / accum
+                for k, v in parts.items():
+                    parts_sum[k] = parts_sum.get(k, 0.0) + float(v) / accum
+                window_samples += bsz * self.dist.world_size
+            if not finite:
+                self.skipped_nonfinite += 1
+                self.consecutive_nonfinite += 1
+                self.optimizer.zero_grad(set_to_none=True)
+                if self.engine is not None:
+                    self.engine.zero_grad()
+                logger.warning("non-finite loss at step %d: step skipped (%d in a row)", self.step + 1,
+                               self.consecutive_nonfinite)
+                if self.consecutive_nonfinite >= t.max_nonfinite_steps:
+                    raise NonFiniteLossError(
+                        f"{self.consecutive_nonfinite} consecutive non-finite losses at step {self.step + 1}; "
+                        f"stopping. The last good checkpoint in {self.out} is intact (lower the learning rate?)")
+                continue
+            self.consecutive_nonfinite = 0
+            if self.engine is not None:
+                grad_norm = self.engine.get_global_grad_norm()
+                grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+            else:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_([p for _, p in self.named_trainable],
+                                                                 t.max_grad_norm))
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+            self.scheduler.step()
+            if self.ema is not None:
+                self.ema.update(self.named_trainable)
+            self.step += 1
+            bar.update(1)
+            step_time = time.perf_counter() - step_start
+            if self.step % t.logging_steps == 0 or self.step == t.max_steps:
+                elapsed = time.perf_counter() - window_t
+                sps = window_samples / max(elapsed, 1e-9)
+                skipped = self.loader.stats() if hasattr(self.loader, "stats") else {}
+                rec = {"step": self.step, "loss": all_reduce_mean(loss_sum),
+                       "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm, "samples_per_s": sps,
+                       "step_time_s": step_time, "skipped_samples": int(sum(skipped.values())),
+                       "skipped_by_reason": skipped, "nonfinite_skipped": self.skipped_nonfinite,
+                       "tflops_trainable": flops["trainable"] * sps / 1e12,
+                       "tflops_frozen": flops["frozen"] * sps / 1e12,
+                       "mfu": (flops["trainable"] + flops["frozen"]) * sps / (self.peak_flops * self.dist.world_size)}
+                rec.update({k: all_reduce_mean(v) for k, v in parts_sum.items()})
+                self._log(rec)
+                last = rec
+                bar.set_postfix(loss=f"{rec['loss']:.4f}", sps=f"{sps:.1f}", skipped=rec["skipped_samples"])
+                window_t, window_samples = time.perf_counter(), 0
+            if t.sample_steps and self.step % t.sample_steps == 0 and self.dist.is_main:
+                self.task.sample(self.out / "samples" / f"step-{self.step:07d}.png", self.ema)
+            stop = all_reduce_max(1.0 if self._stop_signal is not None else 0.0)
+            if (t.save_steps and self.step % t.save_steps == 0) or stop:
+                self.save_checkpoint()
+            if stop:
+                logger.warning("received signal %s: checkpoint saved at step %d, exiting", self._stop_signal, self.step)
+                bar.close()
+                return {"stopped_by_signal": True, "step": self.step}
+        bar.close()
+        if self.dist.is_main and hasattr(self.loader, "stats"):
+            logger.info("data: %s", self.loader.stats())
+        if self.dist.is_main:
+            self.task.save_final(self.out, self.ema)
+        barrier()
+        if self.wandb is not None:
+            self.wandb.finish()
+        return {"step": self.step, "last": last}
