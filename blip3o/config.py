@@ -76,17 +76,24 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    train_shards: Optional[str] = None  # folder, glob or brace pattern of .tar shards
-    sources: List[Dict[str, Any]] = field(default_factory=list)  # [{shards, weight, caption_key}] mixture
-    json_path: Optional[str] = None  # JSON/JSONL text-to-image or conversation data
-    image_root: Optional[str] = None
+    """Fields read by ``blip3o.data.build_train_dataloader`` (see blip3o/data/loader.py)."""
+    train_shards: Optional[str] = None  # folder, glob, brace pattern or "a::b" of .tar shards
+    sources: List[Dict[str, Any]] = field(default_factory=list)  # mixture: [{name, shards|json_path, weight, task, ...}]
+    json_path: Optional[str] = None  # JSON/JSONL text-to-image pairs or LLaVA-style conversations
+    image_root: Optional[str] = None  # folder that JSON image paths are relative to
     caption_key: str = "txt"
-    resampled: bool = True
+    resampled: bool = True  # shards drawn with replacement (True) or once per epoch
     shuffle_buffer: int = 1000
+    interleave: int = 4
     num_workers: int = 4
-    use_cache: bool = True  # use cached target features (x0.npy) when the shards carry them
-    und_json_path: Optional[str] = None  # understanding conversations, mixed in for the joint recipe
-    und_ratio: float = 0.0
+    use_cache: str = "auto"  # target-feature cache: auto (use if present) | true (required) | false
+    cache_dir: Optional[str] = None
+    und_image_size: int = 448
+    und_image_tokens: int = 256
+    json_loader: str = "auto"
+    max_consecutive_bad: int = 1000
+    prefetch_factor: int = 2
+    log_every: int = 500
     eval_prompts: Optional[str] = None  # GenEval-format JSONL for sample grids / toy scoring
 
 
@@ -116,6 +123,7 @@ class TrainConfig:
     report_to: str = "none"  # none | wandb (offline works: WANDB_MODE=offline)
     ema_decay: float = 0.0  # 0 = no EMA
     max_nonfinite_steps: int = 5  # consecutive non-finite losses before stopping
+    log_sample_keys: bool = False  # write the sample keys each rank consumed (OUTPUT/keys-rank{r}.jsonl)
     device: str = "auto"
 
 
@@ -155,6 +163,7 @@ CHOICES = {
     ("model", "decoder"): DECODERS, ("model", "recipe"): RECIPES,
     ("model", "time_sampling"): ("uniform", "logit_normal"), ("model", "target_norm"): ("none", "channel"),
     ("model", "target_preset"): ("official", "tiny"), ("model", "dit_preset"): ("official", "tiny", "small"),
+    ("data", "use_cache"): ("auto", "true", "false"), ("data", "json_loader"): ("auto", "json", "datasets"),
     ("train", "mixed_precision"): ("bf16", "fp16", "no"), ("train", "task"): ("t2i", "decoder"), ("train", "report_to"): ("none", "wandb"),
     ("train", "lr_scheduler_type"): ("cosine_with_min_lr", "cosine", "constant_with_warmup", "linear", "constant"),
 }
@@ -202,6 +211,11 @@ def _coerce(value: Any, tp, where: str) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise ConfigError(f"{where}: expected float, got {value!r}")
     if tp is str:
         if isinstance(value, str):
@@ -218,6 +232,8 @@ def _set(section_obj, section: str, key: str, value: Any) -> None:
         hint = f" (did you mean '{section}.{close[0]}'?)" if close else ""
         raise ConfigError(f"unknown field '{section}.{key}'{hint}")
     where = f"{section}.{key}"
+    if (section, key) == ("data", "use_cache") and isinstance(value, bool):
+        value = "true" if value else "false"
     if isinstance(value, str) and "$" in value:
         value = os.path.expandvars(value)  # ${IMG_FOLDER} etc., as the original launch scripts use
     value = _coerce(value, hints[key], where)

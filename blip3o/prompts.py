@@ -134,3 +134,31 @@ def left_pad(seqs: Sequence[Sequence[int]], pad_id: int, labels: Optional[Sequen
             if labels is not None:
                 out["labels"][i, width - len(s):] = torch.tensor(labels[i], dtype=torch.long)
     return out
+
+
+EDIT_INSTRUCTION = "Please edit the given image as follows: "
+
+
+def encode_edit_prompts(
+    tokenizer,
+    instructions: Sequence[str],
+    image_token_counts: Sequence[int],
+    template: ChatTemplate = CHATML,
+    max_length: int = 2048,
+    num_queries: int = 64,
+    instruction_prefix: str = EDIT_INSTRUCTION,
+) -> Dict[str, torch.Tensor]:
+    """Image + instruction -> left-padded prompts ending in ``[IMG]``. The user turn holds the input
+    image as ``<|vision_start|><|image_pad|>*n<|vision_end|>`` (filled with the backbone's own vision
+    features by the model) followed by the instruction; the queries then generate the target."""
+    img_id = tokenizer.convert_tokens_to_ids(IMG_START_TOKEN)
+    seqs = []
+    for text, n in zip(instructions, image_token_counts):
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError("edit instructions must be non-empty strings")
+        user = template.vision_start + template.image_pad * int(n) + template.vision_end + instruction_prefix + text
+        ids = _ids(tokenizer, template.render(user)) + [img_id]
+        if len(ids) + num_queries > max_length:
+            raise ValueError(f"edit prompt of {len(ids)} tokens + {num_queries} queries exceeds max_length={max_length}")
+        seqs.append(ids)
+    return left_pad(seqs, tokenizer.pad_token_id)

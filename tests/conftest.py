@@ -23,3 +23,29 @@ def tiny_qwen_dir():
     from blip3o.models.backbone import resolve_backbone_path
 
     return resolve_backbone_path("qwen2_5_vl", "tiny")
+
+
+@pytest.fixture(scope="session")
+def toy_data(tmp_path_factory):
+    """A small real toy world: WebDataset shards + GenEval-format eval prompts."""
+    from blip3o.data.toy import write_toy_dataset
+
+    d = tmp_path_factory.mktemp("toy")
+    write_toy_dataset(str(d), num=400, seed=0, shard_size=100)
+    return d
+
+
+def train_cmd(toy, out, *overrides, steps=6):
+    import sys
+
+    return [sys.executable, "-m", "blip3o.train", str(ROOT / "configs" / "toy.yaml"),
+            f"data.train_shards={toy / 'train'}", f"data.eval_prompts={toy / 'eval' / 'prompts.jsonl'}",
+            f"train.output_dir={out}", f"train.max_steps={steps}", "train.logging_steps=1", "train.save_steps=3",
+            "train.per_device_train_batch_size=4", "data.num_workers=0", "data.shuffle_buffer=50", *overrides]
+
+
+def run_env():
+    env = dict(os.environ)
+    env["OMP_NUM_THREADS"] = "1"
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    return env

@@ -203,10 +203,26 @@ class Blip3oForConditionalGeneration(PreTrainedModel):
         self.target_std.copy_(x0.float().std(dims).clamp_min(1e-6))
 
     # -- conditioning ----------------------------------------------------------------------------
-    def encode_condition(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Final post-norm hidden states at the Q query slots: (B, Q, H)."""
+    def encode_condition(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                         pixel_values: Optional[torch.Tensor] = None,
+                         image_grid_thw: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Final post-norm hidden states at the Q query slots: (B, Q, H).
+
+        With ``pixel_values`` (editing / image-conditioned generation), the backbone's own vision
+        tower encodes the input image and its tokens replace the ``<|image_pad|>`` slots of the
+        prompt, exactly as in its understanding path; the queries then read image + instruction.
+        """
         decoder = self.adapter.decoder(self.backbone)
         emb = self.adapter.embeddings(self.backbone)(input_ids)
+        if pixel_values is not None:
+            if not self.adapter.multimodal:
+                raise ValueError(f"backbone '{self.config.backbone}' has no vision tower for image conditioning")
+            feats = self.backbone.model.get_image_features(pixel_values, image_grid_thw).pooler_output
+            feats = torch.cat(list(feats)).to(emb.dtype)
+            slots = input_ids == self.backbone.config.image_token_id
+            if int(slots.sum()) != feats.shape[0]:
+                raise ValueError(f"{int(slots.sum())} <|image_pad|> slots for {feats.shape[0]} image tokens")
+            emb = emb.masked_scatter(slots.unsqueeze(-1).expand_as(emb), feats)
         b = emb.shape[0]
         q = self.latent_queries.to(emb.dtype).expand(b, -1, -1)
         inputs = torch.cat([emb, q], dim=1)
@@ -233,6 +249,8 @@ class Blip3oForConditionalGeneration(PreTrainedModel):
         und_labels: Optional[torch.Tensor] = None,
         und_pixel_values: Optional[torch.Tensor] = None,
         und_image_grid_thw: Optional[torch.Tensor] = None,
+        cond_pixel_values: Optional[torch.Tensor] = None,
+        cond_image_grid_thw: Optional[torch.Tensor] = None,
         generator: Optional[torch.Generator] = None,
         **unused,
     ) -> Blip3oOutput:
@@ -242,7 +260,7 @@ class Blip3oForConditionalGeneration(PreTrainedModel):
             with torch.no_grad():
                 target_latents = self.target_encoder.encode(pixel_values)
         x0 = self.normalize_target(target_latents.float())
-        cond = self.encode_condition(input_ids, attention_mask)
+        cond = self.encode_condition(input_ids, attention_mask, cond_pixel_values, cond_image_grid_thw)
         if self.training and self.config.cfg_dropout > 0:
             # Whole conditioning zeroed (not a learned null token), as the reference; that is what
             # the sampler feeds as the unconditional branch.
@@ -287,6 +305,8 @@ class Blip3oForConditionalGeneration(PreTrainedModel):
         generator: Optional[Union[torch.Generator, Sequence[torch.Generator]]] = None,
         num_images_per_prompt: int = 1,
         progress=None,
+        pixel_values: Optional[torch.Tensor] = None,
+        image_grid_thw: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """Samples target features (B * num_images_per_prompt, C, h, w) for prompts (strings or token
         ids). Cond and uncond run in one batched forward per step; pass a list of generators for
@@ -296,10 +316,10 @@ class Blip3oForConditionalGeneration(PreTrainedModel):
             input_ids, attention_mask = enc["input_ids"], enc["attention_mask"]
         dev = self.latent_queries.device
         input_ids, attention_mask = input_ids.to(dev), attention_mask.to(dev)
+        cond = self.encode_condition(input_ids, attention_mask,
+                                     None if pixel_values is None else pixel_values.to(dev), image_grid_thw)
         if num_images_per_prompt > 1:
-            input_ids = input_ids.repeat_interleave(num_images_per_prompt, 0)
-            attention_mask = attention_mask.repeat_interleave(num_images_per_prompt, 0)
-        cond = self.encode_condition(input_ids, attention_mask)
+            cond = cond.repeat_interleave(num_images_per_prompt, 0)
         dit_dtype = next(self.dit.parameters()).dtype
         shape = (cond.shape[0], self.config.target_channels, *self.config.target_grid)
         x = self.objective.sample(

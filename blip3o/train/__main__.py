@@ -45,6 +45,9 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()  # "Loading weights" bars would drown the training bar
     from blip3o.train.tasks import get_task
     from blip3o.train.trainer import NonFiniteLossError, Trainer
 

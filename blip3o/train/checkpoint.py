@@ -63,6 +63,20 @@ def rotate(output_dir, limit: int) -> None:
         shutil.rmtree(p, ignore_errors=True)
 
 
+def clean_incomplete(output_dir) -> list:
+    """Removes what a killed save can leave: ``checkpoint-N.tmp`` dirs and ``checkpoint-N`` dirs
+    without their COMPLETE marker. Returns the removed paths."""
+    removed = []
+    root = Path(output_dir)
+    if not root.is_dir():
+        return removed
+    for p in root.glob("checkpoint-*"):
+        if p.is_dir() and (p.name.endswith(".tmp") or (_CKPT.match(p.name) and not (p / "COMPLETE").is_file())):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(str(p))
+    return removed
+
+
 def rng_state() -> Dict[str, Any]:
     st = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():

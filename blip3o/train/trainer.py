@@ -151,7 +151,9 @@ class Trainer:
             self.engine, self.optimizer, _, _ = deepspeed.initialize(
                 model=self.model, model_parameters=groups if optimizer is None else None,
                 optimizer=optimizer, config=self.ds_config)
-            self.scheduler = build_scheduler(self.optimizer, t, t.max_steps)
+            # ZeRO wraps the torch optimizer (no .defaults, which cosine_with_min_lr reads); schedule the
+            # wrapped one: its param_groups are the ones the wrapper steps with.
+            self.scheduler = build_scheduler(getattr(self.optimizer, "optimizer", self.optimizer), t, t.max_steps)
             self.forward_module = self.engine
         else:
             self.optimizer = torch.optim.AdamW(groups, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2))
@@ -257,6 +259,10 @@ class Trainer:
     # -- the loop -------------------------------------------------------------------------------------
     def train(self) -> Dict[str, Any]:
         t = self.cfg.train
+        if self.dist.is_main:
+            for p in ckpt.clean_incomplete(self.out):
+                logger.warning("removed incomplete checkpoint %s (left by a killed save)", p)
+        barrier()
         resume = ckpt.resolve_resume(self.out, t.resume_from_checkpoint)
         if resume is not None:
             self.load_checkpoint(resume)
@@ -270,6 +276,13 @@ class Trainer:
 
         bar = tqdm(total=t.max_steps, initial=self.step, disable=not self.dist.is_main, desc="train",
                    dynamic_ncols=True, mininterval=1.0)
+        try:
+            return self._loop(bar, flops, bsz)
+        finally:
+            bar.close()
+
+    def _loop(self, bar, flops, bsz) -> Dict[str, Any]:
+        t = self.cfg.train
         it = iter(self.loader)
         window_t, window_samples = time.perf_counter(), 0
         last = {}
@@ -279,7 +292,11 @@ class Trainer:
             loss_sum, parts_sum, finite = 0.0, {}, True
             accum = t.gradient_accumulation_steps
             for _ in range(accum):
-                batch = self.task.to_device(next(it), self.dist.device)
+                raw = next(it)
+                if t.log_sample_keys and "keys" in raw:
+                    with open(self.out / f"keys-rank{self.dist.rank}.jsonl", "a") as f:
+                        f.write(json.dumps({"step": self.step + 1, "keys": list(raw["keys"])}) + "\n")
+                batch = self.task.to_device(raw, self.dist.device)
                 with self._autocast():
                     loss, parts = self.task.loss(self.forward_module, batch)
                 # Every rank must agree to skip, or collective ops would deadlock.
@@ -346,9 +363,7 @@ class Trainer:
                 self.save_checkpoint()
             if stop:
                 logger.warning("received signal %s: checkpoint saved at step %d, exiting", self._stop_signal, self.step)
-                bar.close()
                 return {"stopped_by_signal": True, "step": self.step}
-        bar.close()
         if self.dist.is_main and hasattr(self.loader, "stats"):
             logger.info("data: %s", self.loader.stats())
         if self.dist.is_main:

@@ -1,0 +1,286 @@
+"""SigLIP2 features -> pixels with SANA (reference §3.2).
+
+features (B, 64, 1152) -> connector [Linear(1152 -> caption_channels), GELU(tanh), Linear, RMSNorm(eps 1e-5,
+weight initialised to sqrt(5.5))] -> SanaTransformer2DModel cross-attention context; AutoencoderDC latents;
+DPMSolverMultistepScheduler with flow sigmas, 30 steps, CFG 3.0. The unconditional input is the SigLIP2
+features of a black image, precomputed by the caller and stored in `null_condition/` (zeros until set).
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, Optional
+
+import torch
+from torch import nn
+
+from diffusers import AutoencoderDC, DPMSolverMultistepScheduler, SanaTransformer2DModel
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+from diffusers.models.normalization import RMSNorm
+
+from blip3o.decoders.base import (
+    DecoderLoadError,
+    FeatureDecoderPipeline,
+    NullCondition,
+    PixelUnshuffleAutoencoder,
+    calibrate_scaling_factor,
+    load_component,
+    register_component_class,
+    register_pipeline_class,
+)
+
+OFFICIAL_REPO = "BLIP3o/SigLIP2_SANA"
+SIGLIP2_DIM = 1152
+OFFICIAL_STEPS = 30
+
+# Sana_1600M_512px_diffusers (as published for diffusers; from memory of the public config, not fetched here).
+OFFICIAL_TRANSFORMER_CONFIG: Dict[str, Any] = dict(
+    in_channels=32,
+    out_channels=32,
+    num_attention_heads=70,
+    attention_head_dim=32,
+    num_layers=20,
+    num_cross_attention_heads=20,
+    cross_attention_head_dim=112,
+    cross_attention_dim=2240,
+    caption_channels=2304,
+    mlp_ratio=2.5,
+    attention_bias=False,
+    sample_size=16,
+    patch_size=1,
+    norm_elementwise_affine=False,
+    norm_eps=1e-6,
+    interpolation_scale=None,
+)
+# dc-ae-f32c32-sana-1.0 (same caveat).
+OFFICIAL_VAE_CONFIG: Dict[str, Any] = dict(
+    in_channels=3,
+    latent_channels=32,
+    attention_head_dim=32,
+    encoder_block_types=("ResBlock",) * 3 + ("EfficientViTBlock",) * 3,
+    decoder_block_types=("ResBlock",) * 3 + ("EfficientViTBlock",) * 3,
+    encoder_block_out_channels=(128, 256, 512, 512, 1024, 1024),
+    decoder_block_out_channels=(128, 256, 512, 512, 1024, 1024),
+    encoder_layers_per_block=(2, 2, 2, 3, 3, 3),
+    decoder_layers_per_block=(3, 3, 3, 3, 3, 3),
+    encoder_qkv_multiscales=((), (), (), (5,), (5,), (5,)),
+    decoder_qkv_multiscales=((), (), (), (5,), (5,), (5,)),
+    upsample_block_type="interpolate",
+    downsample_block_type="Conv",
+    decoder_norm_types="rms_norm",
+    decoder_act_fns="silu",
+    scaling_factor=0.41407,
+)
+OFFICIAL_SCHEDULER_CONFIG: Dict[str, Any] = dict(
+    num_train_timesteps=1000,
+    beta_schedule="linear",
+    prediction_type="flow_prediction",
+    use_flow_sigmas=True,
+    flow_shift=3.0,
+    solver_order=2,
+    algorithm_type="dpmsolver++",
+    solver_type="midpoint",
+    lower_order_final=True,
+    final_sigmas_type="zero",
+    timestep_spacing="linspace",
+)
+
+
+@register_component_class
+class SanaFeatureConnector(ModelMixin, ConfigMixin):
+    """Maps vision features into SANA's caption space: Linear, GELU(tanh), Linear, RMSNorm (weight sqrt(5.5)).
+
+    The RMSNorm weight starts at sqrt(5.5) so the connector output has roughly the scale of the Gemma-2 text
+    embeddings the pretrained SANA transformer was trained on (reference §3.2).
+    """
+
+    config_name = "config.json"
+
+    @register_to_config
+    def __init__(self, in_dim: int = SIGLIP2_DIM, caption_channels: int = 2304, norm_eps: float = 1e-5,
+                 norm_init: float = 5.5 ** 0.5):
+        super().__init__()
+        self.linear_1 = nn.Linear(in_dim, caption_channels)
+        self.act = nn.GELU(approximate="tanh")
+        self.linear_2 = nn.Linear(caption_channels, caption_channels)
+        self.norm = RMSNorm(caption_channels, eps=norm_eps, elementwise_affine=True)
+        with torch.no_grad():
+            self.norm.weight.fill_(norm_init)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.linear_2(self.act(self.linear_1(features))))
+
+
+def tiny_transformer_config(latent_size: int, latent_channels: int, patch_size: int) -> Dict[str, Any]:
+    """4 layers of width 128 (4 heads of 32) over an 8x8 token grid (~1.5M params)."""
+    return dict(
+        in_channels=latent_channels,
+        out_channels=latent_channels,
+        num_attention_heads=4,
+        attention_head_dim=32,
+        num_layers=4,
+        num_cross_attention_heads=4,
+        cross_attention_head_dim=32,
+        cross_attention_dim=128,
+        caption_channels=128,
+        mlp_ratio=2.5,
+        attention_bias=False,
+        sample_size=latent_size,
+        patch_size=patch_size,
+        norm_elementwise_affine=False,
+        norm_eps=1e-6,
+        # Absolute sin-cos positions (SANA 1600M uses none and relies on its conv FFN): a 4-layer toy model
+        # learns layouts much faster with them.
+        interpolation_scale=1.0,
+    )
+
+
+def tiny_vae_config() -> Dict[str, Any]:
+    """AutoencoderDC with two downsamples (f4c8): 64 px -> 16x16x8 latents (~0.16M params)."""
+    return dict(
+        in_channels=3,
+        latent_channels=8,
+        attention_head_dim=8,
+        encoder_block_types=("ResBlock", "ResBlock", "EfficientViTBlock"),
+        decoder_block_types=("ResBlock", "ResBlock", "EfficientViTBlock"),
+        encoder_block_out_channels=(16, 32, 32),
+        decoder_block_out_channels=(16, 32, 32),
+        encoder_layers_per_block=(1, 1, 1),
+        decoder_layers_per_block=(1, 1, 1),
+        encoder_qkv_multiscales=((), (), (5,)),
+        decoder_qkv_multiscales=((), (), (5,)),
+    )
+
+
+@register_pipeline_class
+class SanaFeatureDecoderPipeline(FeatureDecoderPipeline):
+    """SigLIP2 tokens -> connector -> SanaTransformer2DModel + AutoencoderDC, DPM-Solver++ flow sampling."""
+
+    kind = "sana"
+    denoiser_name = "transformer"
+    model_cpu_offload_seq = "connector->transformer->vae"
+
+    def __init__(
+        self,
+        transformer: SanaTransformer2DModel,
+        vae: AutoencoderDC,
+        scheduler: DPMSolverMultistepScheduler,
+        connector: SanaFeatureConnector,
+        null_condition: NullCondition,
+        default_num_inference_steps: int = OFFICIAL_STEPS,
+    ):
+        super().__init__()
+        self.register_modules(
+            transformer=transformer, vae=vae, scheduler=scheduler, connector=connector, null_condition=null_condition
+        )
+        self.register_to_config(default_num_inference_steps=default_num_inference_steps)
+        self.set_progress_bar_config(disable=True)
+
+    @property
+    def feature_dim(self) -> int:
+        return int(self.connector.config.in_dim)
+
+    def _condition_modules(self):
+        return (self.connector,)
+
+    def encode_condition(self, features: torch.Tensor) -> Dict[str, torch.Tensor]:
+        features = features.to(self.connector.dtype)
+        return {"encoder_hidden_states": self.connector(features).to(self.transformer.dtype)}
+
+    def predict(self, latents, t, cond, height, width):
+        timestep = t.expand(latents.shape[0]).to(latents.device) * self.transformer.config.timestep_scale
+        return self.transformer(
+            latents, encoder_hidden_states=cond["encoder_hidden_states"], timestep=timestep, return_dict=False
+        )[0]
+
+    @classmethod
+    def _load_folder(cls, root, torch_dtype=None, variant="auto", **kwargs):
+        names = ("transformer", "vae", "scheduler", "connector")
+        parts = {name: load_component(root, name, torch_dtype, variant) for name in names}
+        missing = [name for name, part in parts.items() if part is None]
+        if missing:
+            raise DecoderLoadError(f"{root}: SANA decoder folder lacks {', '.join(missing)}/")
+        null = load_component(root, "null_condition", torch_dtype, variant)
+        if null is None:
+            null = NullCondition(num_tokens=64, feature_dim=parts["connector"].config.in_dim, source="zeros")
+            if torch_dtype is not None:
+                null.to(torch_dtype)
+        steps = cls._pipeline_config(root).get("default_num_inference_steps", OFFICIAL_STEPS)
+        return cls(**parts, null_condition=null, default_num_inference_steps=int(steps))
+
+
+def build_sana_decoder(
+    preset: str = "tiny",
+    feature_dim: Optional[int] = None,
+    num_tokens: int = 64,
+    image_size: int = 64,
+    seed: int = 0,
+    vae: str = "dc",
+    prediction: Optional[str] = None,
+    num_inference_steps: Optional[int] = None,
+    transformer_config: Optional[Dict[str, Any]] = None,
+    vae_config: Optional[Dict[str, Any]] = None,
+    scheduler_config: Optional[Dict[str, Any]] = None,
+    connector_config: Optional[Dict[str, Any]] = None,
+    device: Optional[str] = None,
+) -> SanaFeatureDecoderPipeline:
+    """A randomly initialised SANA feature decoder.
+
+    preset "tiny": 64 px, `vae`="dc" (tiny AutoencoderDC f4c8, latents 16x16x8, scaling calibrated) or
+    "pixel" (PixelUnshuffleAutoencoder, latents 16x16x48); the transformer patchifies by 2 into 8x8 tokens.
+    `prediction`: "flow" (velocity eps - x0, the reference objective and the official default; scheduler
+    prediction_type "flow_prediction") or "x0" (the transformer predicts the clean latent; scheduler
+    prediction_type "sample", still on flow sigmas; the tiny default, since x0 targets learn far faster on CPU).
+    preset "official": Sana 1600M 512px + DC-AE f32c32 + connector 1152->2304, random weights; device="meta"
+    builds it without memory. The *_config dicts override individual config entries.
+    """
+    if prediction is None:
+        prediction = "flow" if preset == "official" else "x0"
+    pred_type = {"flow": "flow_prediction", "flow_prediction": "flow_prediction", "x0": "sample",
+                 "sample": "sample"}.get(prediction)
+    if pred_type is None:
+        raise ValueError(f"sana prediction must be 'flow' or 'x0', got '{prediction}'")
+    if preset == "official":
+        feature_dim = feature_dim or SIGLIP2_DIM
+        t_cfg = dict(OFFICIAL_TRANSFORMER_CONFIG)
+        v_cfg = dict(OFFICIAL_VAE_CONFIG)
+        steps = OFFICIAL_STEPS
+    elif preset == "tiny":
+        if feature_dim is None:
+            raise ValueError("the tiny sana preset needs feature_dim")
+        if vae not in ("dc", "pixel"):
+            raise ValueError(f"tiny sana vae must be 'dc' or 'pixel', got '{vae}'")
+        factor, patch = 4, 2
+        if image_size % (factor * patch):
+            raise ValueError(f"tiny sana image_size must be a multiple of {factor * patch}, got {image_size}")
+        latent_channels = 8 if vae == "dc" else 3 * factor * factor
+        t_cfg = tiny_transformer_config(image_size // factor, latent_channels, patch)
+        v_cfg = tiny_vae_config() if vae == "dc" else dict(factor=factor)
+        steps = 20
+    else:
+        raise ValueError(f"unknown sana preset '{preset}'; choose 'tiny' or 'official'")
+    s_cfg = dict(OFFICIAL_SCHEDULER_CONFIG, prediction_type=pred_type)
+    t_cfg.update(transformer_config or {})
+    v_cfg.update(vae_config or {})
+    s_cfg.update(scheduler_config or {})
+    c_cfg = dict(in_dim=feature_dim, caption_channels=t_cfg["caption_channels"])
+    c_cfg.update(connector_config or {})
+    if num_inference_steps:
+        steps = num_inference_steps
+
+    with torch.device(device or "cpu"):
+        torch.manual_seed(seed)
+        transformer = SanaTransformer2DModel(**t_cfg)
+        if preset == "tiny" and vae == "pixel":
+            vae_model = PixelUnshuffleAutoencoder(**v_cfg)
+        else:
+            vae_model = AutoencoderDC(**v_cfg)
+        connector = SanaFeatureConnector(**c_cfg)
+        null = NullCondition(num_tokens=num_tokens, feature_dim=feature_dim, source="zeros")
+    if preset == "tiny" and vae == "dc" and "scaling_factor" not in (vae_config or {}):
+        calibrate_scaling_factor(vae_model, image_size, seed=seed)
+    scheduler = DPMSolverMultistepScheduler(**s_cfg)
+    pipe = SanaFeatureDecoderPipeline(transformer, vae_model, scheduler, connector, null,
+                                      default_num_inference_steps=steps)
+    for m in (pipe.transformer, pipe.vae, pipe.connector, pipe.null_condition):
+        m.eval()
+    return pipe

@@ -1,0 +1,200 @@
+"""Blip3oPipeline: text -> image, image -> text, image + instruction -> image, text -> CLIP features.
+
+    pipe = Blip3oPipeline.from_pretrained("outputs/toy")            # local dir: no network
+    images = pipe(["a red circle", "two blue squares"], num_images_per_prompt=2, seed=42).images
+    feats = pipe.embed(["a red circle"])                              # (B, 64, C) target tokens
+    answer = pipe.understand(image, "What is in the image?")
+    edited = pipe.edit(image, "make the circle blue", seed=0).images
+
+Stage 1 (queries + DiT) and stage 2 (the diffusion decoder) each have their own guidance scale and
+step count. Seeds are per image (``seed + i`` for image i, or a list of generators), so an image
+does not depend on what else is in the batch.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional, Sequence, Union
+
+import torch
+from PIL import Image
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Blip3oPipelineOutput:
+    images: List[Image.Image]
+    features: torch.Tensor  # (N, C, h, w) generated target features
+
+
+def _dtype(d):
+    if d is None or isinstance(d, torch.dtype):
+        return d
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if d not in table:
+        raise ValueError(f"unknown dtype '{d}'; choose one of {sorted(table)}")
+    return table[d]
+
+
+class Blip3oPipeline:
+    def __init__(self, model, decoder=None, device: Union[str, torch.device] = "cpu"):
+        self.model = model
+        self.decoder = decoder
+        self.device = torch.device(device)
+        self._offload = False
+
+    # -- loading ---------------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path: Union[str, os.PathLike], device: Union[str, torch.device, None] = None,
+                        dtype=None, decoder_path: Optional[str] = None, load_decoder: bool = True):
+        from blip3o.models.blip3o import Blip3oForConditionalGeneration
+
+        path = Path(path)
+        if not path.is_dir():
+            raise FileNotFoundError(f"checkpoint directory not found: {path}")
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{path} has no config.json: not a model directory")
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dtype = _dtype(dtype)
+        model = Blip3oForConditionalGeneration.from_pretrained(str(path))
+        if dtype is not None:
+            model.to(dtype)
+        model.to(device).eval()
+        decoder = None
+        if load_decoder:
+            dpath = decoder_path or model.config.decoder_path
+            if dpath and not os.path.isabs(dpath):
+                dpath = str(path / dpath)
+            if dpath is None and (path / "diffusion-decoder").is_dir():
+                dpath = str(path / "diffusion-decoder")
+            if dpath and os.path.isdir(dpath):
+                from blip3o.decoders import load_decoder as _load_decoder
+
+                decoder = _load_decoder(dpath, torch_dtype=dtype)
+                decoder.to(device)
+        return cls(model, decoder, device)
+
+    def enable_model_cpu_offload(self):
+        """Keep only the stage that runs on the GPU (backbone+DiT, then the decoder): for small GPUs."""
+        self._offload = True
+        self.model.to("cpu")
+        if self.decoder is not None:
+            self.decoder.to("cpu")
+        return self
+
+    def _stage(self, module):
+        if self._offload and module is not None:
+            module.to(self.device)
+
+    def _unstage(self, module):
+        if self._offload and module is not None:
+            module.to("cpu")
+
+    # -- helpers ------------------------------------------------------------------------------------
+    @staticmethod
+    def _generators(n: int, seed: Optional[int], generator):
+        if generator is not None:
+            gens = generator if isinstance(generator, (list, tuple)) else [generator]
+            if len(gens) != n:
+                raise ValueError(f"got {len(gens)} generators for {n} images")
+            return list(gens)
+        seed = torch.seed() % (2 ** 31) if seed is None else seed
+        return [torch.Generator().manual_seed(seed + i) for i in range(n)]
+
+    def has_decoder(self) -> bool:
+        return self.decoder is not None or self.model.config.target == "vae"
+
+    def decode(self, feats: torch.Tensor, generators, guidance_scale: Optional[float] = None,
+               num_inference_steps: Optional[int] = None, height: Optional[int] = None,
+               width: Optional[int] = None) -> List[Image.Image]:
+        if self.decoder is not None:
+            self._stage(self.decoder)
+            tokens = feats.flatten(2).transpose(1, 2)  # (B, C, h, w) -> (B, h*w, C), row-major as the reference
+            kw = {}
+            if guidance_scale is not None:
+                kw["guidance_scale"] = guidance_scale
+            if num_inference_steps is not None:
+                kw["num_inference_steps"] = num_inference_steps
+            out = self.decoder(tokens.to(self.device), generator=generators, height=height, width=width,
+                               output_type="pil", **kw)
+            self._unstage(self.decoder)
+            return list(out.images if hasattr(out, "images") else out)
+        if self.model.config.target == "vae":
+            pix = self.model.target_encoder.decode(feats.to(self.device)).clamp(-1, 1)
+            arr = ((pix + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+            return [Image.fromarray(a) for a in arr]
+        raise RuntimeError("this checkpoint has no pixel decoder (diffusion-decoder/); use embed() for features")
+
+    # -- text -> image ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def embed(self, prompts: Union[str, Sequence[str]], num_images_per_prompt: int = 1, seed: Optional[int] = None,
+              generator=None, guidance_scale: Optional[float] = None, num_inference_steps: Optional[int] = None,
+              progress=None) -> torch.Tensor:
+        """Prompt(s) -> generated target features (N, C, h, w) without decoding."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not prompts:
+            raise ValueError("no prompts given")
+        n = len(prompts) * num_images_per_prompt
+        gens = self._generators(n, seed, generator)
+        self._stage(self.model)
+        feats = self.model.generate_features(prompts, generator=gens, guidance_scale=guidance_scale,
+                                             num_inference_steps=num_inference_steps,
+                                             num_images_per_prompt=num_images_per_prompt, progress=progress)
+        self._unstage(self.model)
+        return feats
+
+    @torch.no_grad()
+    def __call__(self, prompts: Union[str, Sequence[str]], num_images_per_prompt: int = 1,
+                 seed: Optional[int] = None, generator=None, guidance_scale: Optional[float] = None,
+                 num_inference_steps: Optional[int] = None, decoder_guidance_scale: Optional[float] = None,
+                 decoder_num_inference_steps: Optional[int] = None, height: Optional[int] = None,
+                 width: Optional[int] = None, progress=None) -> Blip3oPipelineOutput:
+        feats = self.embed(prompts, num_images_per_prompt, seed, generator, guidance_scale, num_inference_steps,
+                           progress)
+        # The decoder gets its own per-image generators, derived from the same seeds.
+        dgens = self._generators(feats.shape[0], seed if seed is not None else None, None) if generator is None \
+            else [torch.Generator().manual_seed(int(g.initial_seed()) + 10 ** 6) for g in generator]
+        images = self.decode(feats, dgens, decoder_guidance_scale, decoder_num_inference_steps, height, width)
+        return Blip3oPipelineOutput(images=images, features=feats)
+
+    # -- image -> text -----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def understand(self, image: Union[Image.Image, Sequence[Image.Image]], question: Union[str, Sequence[str]],
+                   max_new_tokens: int = 128) -> Union[str, List[str]]:
+        single = isinstance(image, Image.Image)
+        images = [image] if single else list(image)
+        questions = [question] * len(images) if isinstance(question, str) else list(question)
+        self._stage(self.model)
+        answers = self.model.understand(images, questions, max_new_tokens=max_new_tokens)
+        self._unstage(self.model)
+        return answers[0] if single else answers
+
+    # -- image + instruction -> image --------------------------------------------------------------------------
+    @torch.no_grad()
+    def edit(self, image: Image.Image, instruction: str, num_images: int = 1, seed: Optional[int] = None,
+             generator=None, guidance_scale: Optional[float] = None, num_inference_steps: Optional[int] = None,
+             decoder_guidance_scale: Optional[float] = None, height=None, width=None) -> Blip3oPipelineOutput:
+        from blip3o.models.understanding import load_image_processor
+        from blip3o.prompts import encode_edit_prompts, get_template
+
+        m = self.model
+        ip = load_image_processor(m)
+        vis = ip(images=[image.convert("RGB")], return_tensors="pt")
+        merge = getattr(ip, "merge_size", 2)
+        n_tok = int(vis["image_grid_thw"][0].prod()) // (merge * merge)
+        enc = encode_edit_prompts(m.tokenizer, [instruction], [n_tok], get_template(m.config.chat_template),
+                                  num_queries=m.config.num_queries)
+        gens = self._generators(num_images, seed, generator)
+        self._stage(m)
+        feats = m.generate_features(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+                                    pixel_values=vis["pixel_values"], image_grid_thw=vis["image_grid_thw"],
+                                    generator=gens, guidance_scale=guidance_scale,
+                                    num_inference_steps=num_inference_steps, num_images_per_prompt=num_images)
+        self._unstage(m)
+        dgens = self._generators(num_images, None if seed is None else seed + 10 ** 6, None)
+        images = self.decode(feats, dgens, decoder_guidance_scale, None, height, width)
+        return Blip3oPipelineOutput(images=images, features=feats)

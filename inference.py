@@ -1,0 +1,151 @@
+"""BLIP3-o inference from the command line.
+
+    python inference.py CHECKPOINT_DIR                                  # the reference demo: 4 images of
+                                                                        # "A photo of cute cat", seed 42 -> grid
+    python inference.py CKPT --prompt "a red circle" --prompt "two blue squares" --num-images 4 --out grid.png
+    python inference.py CKPT --prompts-file prompts.txt --out-dir samples/ --seed 0 --steps 30 --guidance 3.0
+    python inference.py CKPT --image photo.jpg --question "What is in the image?"     # understanding
+    python inference.py CKPT --image photo.jpg --edit --prompt "make it blue"           # editing
+    python inference.py CKPT --prompt "..." --embeddings-only --out feats.pt            # CLIP features only
+
+A checkpoint without a pixel decoder still works: the generated features are saved (``.pt``) and the
+command says so. Nothing is downloaded: CHECKPOINT_DIR must be a local directory.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", help="a model directory (ours, or an official BLIP3o-Model-4B/8B layout)")
+    p.add_argument("--prompt", action="append", default=None, help="text prompt (repeatable); with --edit, the instruction")
+    p.add_argument("--prompts-file", help="a .txt (one prompt per line) or .jsonl (field 'prompt') file")
+    p.add_argument("--image", help="input image: understanding (with --question) or editing (with --edit)")
+    p.add_argument("--question", help="question about --image (image -> text)")
+    p.add_argument("--edit", action="store_true", help="edit --image following --prompt")
+    p.add_argument("--num-images", type=int, default=None, help="images per prompt (default 4 for the demo, else 1)")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--guidance", type=float, default=None, help="CFG scale of the DiT (default: checkpoint's, 3.0)")
+    p.add_argument("--decoder-guidance", type=float, default=None, help="CFG scale of the pixel decoder")
+    p.add_argument("--steps", type=int, default=None, help="DiT sampling steps (default 30)")
+    p.add_argument("--decoder-steps", type=int, default=None, help="pixel decoder steps")
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--out", default="blip3o_output.png", help="PNG grid (or .pt with --embeddings-only)")
+    p.add_argument("--out-dir", default=None, help="also write every image as OUT_DIR/{prompt:03d}_{k:02d}.png")
+    p.add_argument("--embeddings-only", action="store_true", help="save generated features, skip the decoder")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="default: float32")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--cpu-offload", action="store_true", help="keep only the running stage on the GPU")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    return p.parse_args(argv)
+
+
+def read_prompts(args) -> list:
+    prompts = list(args.prompt or [])
+    if args.prompts_file:
+        f = Path(args.prompts_file)
+        if not f.is_file():
+            raise SystemExit(f"error: prompts file not found: {f}")
+        for line in f.read_text().splitlines():
+            if not line.strip():
+                continue
+            prompts.append(json.loads(line)["prompt"] if f.suffix == ".jsonl" else line.strip())
+    for p in prompts:
+        if not p.strip():
+            raise SystemExit("error: empty prompt")
+    return prompts
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    ckpt = Path(args.checkpoint)
+    if not ckpt.is_dir():
+        print(f"error: checkpoint directory not found: {ckpt}", file=sys.stderr)
+        return 2
+    prompts = read_prompts(args)
+    image = None
+    if args.image:
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            image = Image.open(args.image)
+            image.load()
+        except (FileNotFoundError, UnidentifiedImageError, OSError) as e:
+            print(f"error: cannot read image {args.image}: {e.__class__.__name__}", file=sys.stderr)
+            return 2
+    if args.question and image is None:
+        print("error: --question needs --image", file=sys.stderr)
+        return 2
+    if args.edit and (image is None or not prompts):
+        print("error: --edit needs --image and --prompt (the instruction)", file=sys.stderr)
+        return 2
+    demo = not prompts and image is None
+    if demo:
+        prompts = ["A photo of cute cat"]
+    n = args.num_images or (4 if demo else 1)
+    if n < 1:
+        print("error: --num-images must be >= 1", file=sys.stderr)
+        return 2
+
+    import blip3o  # noqa: F401
+    import torch
+    from tqdm.auto import tqdm
+
+    from blip3o.pipeline import Blip3oPipeline
+    from blip3o.train.tasks import make_grid
+
+    try:
+        pipe = Blip3oPipeline.from_pretrained(ckpt, device=args.device, dtype=args.dtype,
+                                              load_decoder=not args.embeddings_only)
+    except (FileNotFoundError, OSError, ValueError) as e:
+        print(f"error: cannot load {ckpt}: {e}", file=sys.stderr)
+        return 2
+    if args.cpu_offload:
+        pipe.enable_model_cpu_offload()
+
+    if args.question:
+        print(pipe.understand(image, args.question, max_new_tokens=args.max_new_tokens))
+        return 0
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if args.edit:
+        results = [pipe.edit(image, p, num_images=n, seed=args.seed, guidance_scale=args.guidance,
+                             num_inference_steps=args.steps, decoder_guidance_scale=args.decoder_guidance,
+                             height=args.height, width=args.width) for p in prompts]
+        images = [im for r in results for im in r.images]
+    else:
+        progress = lambda it: tqdm(it, desc="DiT", leave=False)  # noqa: E731
+        if args.embeddings_only or not pipe.has_decoder():
+            feats = pipe.embed(prompts, num_images_per_prompt=n, seed=args.seed, guidance_scale=args.guidance,
+                               num_inference_steps=args.steps, progress=progress)
+            path = out if out.suffix == ".pt" else out.with_suffix(".pt")
+            torch.save({"prompts": prompts, "num_images_per_prompt": n, "features": feats.cpu()}, path)
+            why = "" if args.embeddings_only else " (this checkpoint has no pixel decoder)"
+            print(f"saved {feats.shape[0]} generated feature maps {tuple(feats.shape[1:])} to {path}{why}")
+            return 0
+        res = pipe(prompts, num_images_per_prompt=n, seed=args.seed, guidance_scale=args.guidance,
+                   num_inference_steps=args.steps, decoder_guidance_scale=args.decoder_guidance,
+                   decoder_num_inference_steps=args.decoder_steps, height=args.height, width=args.width,
+                   progress=progress)
+        images = res.images
+    grid = make_grid(images, cols=min(n, 4) if len(prompts) == 1 else n)
+    grid.save(out)
+    if args.out_dir:
+        d = Path(args.out_dir)
+        d.mkdir(parents=True, exist_ok=True)
+        for i, im in enumerate(images):
+            im.save(d / f"{i // n:03d}_{i % n:02d}.png")
+    print(f"wrote {len(images)} images to {out}" + (f" and {args.out_dir}/" if args.out_dir else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
