@@ -66,7 +66,11 @@ class ModelConfig:
     text_loss_weight: float = 0.0  # > 0 only for the joint recipe
     # Pixels.
     decoder: str = "sdxl"
-    decoder_path: Optional[str] = None
+    decoder_path: Optional[str] = None  # a decoder dir (diffusion-decoder/ layout); for train.task=decoder: init from it
+    decoder_preset: str = "tiny"  # train.task=decoder without decoder_path: build this preset (tiny | official)
+    decoder_kwargs: Dict[str, Any] = field(default_factory=dict)  # build overrides (image_size, vae, prediction, ...)
+    decoder_null_prob: float = 0.1  # null-image dropout for the decoder's CFG
+    decoder_feature_noise: float = 0.0  # Gaussian noise on input features (robustness to generated features)
     # Sampling defaults (reference §6).
     num_inference_steps: int = 30
     guidance_scale: float = 3.0
@@ -160,7 +164,7 @@ PRESETS: Dict[str, Dict[str, Dict[str, Any]]] = {
 
 CHOICES = {
     ("model", "backbone"): BACKBONES, ("model", "target"): TARGETS, ("model", "objective"): OBJECTIVES,
-    ("model", "decoder"): DECODERS, ("model", "recipe"): RECIPES,
+    ("model", "decoder"): DECODERS, ("model", "decoder_preset"): ("tiny", "official"), ("model", "recipe"): RECIPES,
     ("model", "time_sampling"): ("uniform", "logit_normal"), ("model", "target_norm"): ("none", "channel"),
     ("model", "target_preset"): ("official", "tiny"), ("model", "dit_preset"): ("official", "tiny", "small"),
     ("data", "use_cache"): ("auto", "true", "false"), ("data", "json_loader"): ("auto", "json", "datasets"),

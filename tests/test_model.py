@@ -72,6 +72,7 @@ def test_save_load_round_trip_is_self_contained(tmp_path):
     assert (tmp_path / "m" / "target_encoder" / "config.json").is_file()
     assert (tmp_path / "m" / "tokenizer_config.json").is_file()
     loaded = Blip3oForConditionalGeneration.from_pretrained(tmp_path / "m")
+    assert not any("target_encoder" in k for k in loaded.state_dict())  # a separate component, not model weights
     for (n, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
         torch.testing.assert_close(a, b, msg=n)
     gens = lambda: [torch.Generator().manual_seed(i) for i in range(2)]  # noqa: E731

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 
 from blip3o.data.cache import resolve_cache
 from blip3o.data.collate import BatchCollator
-from blip3o.data.json_data import load_json_records
+from blip3o.data.json_data import load_json_records, record_kind
 from blip3o.data.pipeline import SampleDecoder, SourceSpec, StreamingDataset
 from blip3o.data.shards import expand_shards
 from blip3o.data.stats import format_counts
@@ -110,22 +110,26 @@ def parse_sources(data_cfg, target_signature: Optional[dict] = None) -> List[Sou
         if name in names:
             raise ValueError(f"two sources are named '{name}'")
         names.add(name)
-        common = dict(name=name, weight=float(rs.get("weight", 1.0)),
-                      resampled=bool(rs.get("resampled", cfg_get(data_cfg, "resampled"))),
-                      image_root=rs.get("image_root", cfg_get(data_cfg, "image_root")),
-                      task=str(rs.get("task", "auto")))
+        def pick(key, fallback):  # a source field left out or None inherits the data-level value
+            return rs[key] if rs.get(key) is not None else fallback
+
+        common = dict(name=name, weight=float(pick("weight", 1.0)),
+                      resampled=bool(pick("resampled", cfg_get(data_cfg, "resampled"))),
+                      image_root=pick("image_root", cfg_get(data_cfg, "image_root")),
+                      task=str(pick("task", "auto")))
         if rs.get("shards") is not None and rs.get("json_path") is not None:
             raise ValueError(f"source '{name}' sets both shards and json_path")
         if rs.get("shards") is not None:
             shards = expand_shards(rs["shards"])
             spec = SourceSpec(kind="webdataset", shards=shards,
-                              caption_key=rs.get("caption_key", cfg_get(data_cfg, "caption_key")), **common)
+                              caption_key=pick("caption_key", cfg_get(data_cfg, "caption_key")), **common)
             if spec.task == "und":
                 raise ValueError(f"source '{name}': understanding data must be JSON conversations")
             if use_cache is not False and target_signature is not None:
-                found = resolve_cache(shards, target_signature, rs.get("cache_dir", cfg_get(data_cfg, "cache_dir")),
+                found = resolve_cache(shards, target_signature, pick("cache_dir", cfg_get(data_cfg, "cache_dir")),
                                       source=name)
                 if found is not None:
+                    spec.source_shards = shards
                     spec.shards, spec.cached, spec.x0_shape = found["shards"], True, found["shape"]
                     logger.info("source '%s': using target cache %s", name, ", ".join(found["dirs"]))
                 elif use_cache is True:
@@ -133,7 +137,7 @@ def parse_sources(data_cfg, target_signature: Optional[dict] = None) -> List[Sou
                                      f"its shards; run scripts/cache_targets.py first")
         elif rs.get("json_path") is not None:
             cache_dir = os.environ.get("HF_DATASETS_CACHE")
-            loader = rs.get("json_loader", cfg_get(data_cfg, "json_loader"))
+            loader = pick("json_loader", cfg_get(data_cfg, "json_loader"))
             records, bad = load_json_records(str(rs["json_path"]), loader, cache_dir=cache_dir)
             if bad:
                 logger.warning("source '%s': %d unparseable JSON records skipped at load time", name, bad)
@@ -141,16 +145,26 @@ def parse_sources(data_cfg, target_signature: Optional[dict] = None) -> List[Sou
                               **common)
             if len(records) == 0:
                 raise ValueError(f"source '{name}': {rs['json_path']} holds no records")
+            if spec.task == "auto":  # a file of only conversations (or only pairs) is that kind throughout
+                kinds = {record_kind(records[i], "auto") for i in range(min(len(records), 100))
+                         if isinstance(records[i], dict)}
+                if len(kinds) == 1:
+                    spec.task = kinds.pop()
         else:
             raise ValueError(f"source '{name}' needs shards or json_path")
         out.append(spec)
-    if use_cache is not False:
-        cached = [s.cached for s in out if s.kind == "webdataset"]
-        gen_json = [s.name for s in out if s.kind == "json" and s.task != "und"]
-        if any(cached) and (not all(cached) or gen_json):
-            # A batch must be all pixels or all cached latents; half-cached mixtures are a config error.
-            raise ValueError("only some sources have a target cache: cache all webdataset sources (JSON "
-                             "text-to-image sources cannot be cached) or set use_cache=false")
+    cached = [s.name for s in out if s.cached]
+    uncached = [s.name for s in out if not s.cached and (s.kind == "webdataset" or s.task != "und")]
+    if cached and uncached:
+        # A batch is all pixels or all cached latents, so a half-cached mixture cannot be used as it is.
+        if use_cache is True:
+            raise ValueError(f"use_cache=true but sources {uncached} have no target cache (JSON text-to-image "
+                             "sources cannot be cached); cache them or set use_cache=auto|false")
+        logger.warning("data: sources %s have a target cache but %s do not; decoding images for all of them",
+                       cached, uncached)
+        for s in out:
+            if s.cached:
+                s.shards, s.cached, s.x0_shape = s.source_shards, False, None
     return out
 
 
@@ -168,6 +182,8 @@ class ResumableLoader:
         self.prefetch_factor, self.pin_memory, self.log_every = prefetch_factor, pin_memory, log_every
         self.fingerprint = fingerprint
         self.base_skips = dict(base_skips or {})  # counted while building (e.g. unparseable JSON lines)
+        self.config_seed = dataset.seed  # what a saved state is checked against; dataset.seed may be re-seeded
+        self._carried: Dict[str, int] = {}  # skip counts carried over an inexact (strict=False) resume
         self._workers: Dict[str, dict] = {}
         self._next_worker = 0
         self._batches = 0
@@ -206,10 +222,10 @@ class ResumableLoader:
     # -- state -----------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         d = self.dataset
-        return {"version": STATE_VERSION, "fingerprint": self.fingerprint, "seed": d.seed, "rank": d.rank,
-                "world_size": d.world_size, "num_workers": self.num_workers, "batch_size": d.batch_size,
-                "batches": self._batches, "next_worker": self._next_worker,
-                "workers": {k: v for k, v in self._workers.items()}}
+        return {"version": STATE_VERSION, "fingerprint": self.fingerprint, "seed": self.config_seed,
+                "effective_seed": d.seed, "rank": d.rank, "world_size": d.world_size, "num_workers": self.num_workers,
+                "batch_size": d.batch_size, "batches": self._batches, "next_worker": self._next_worker,
+                "workers": dict(self._workers), "carried_skips": dict(self._carried)}
 
     def load_state_dict(self, state: dict, strict: bool = True) -> None:
         """Restores the data position. With ``strict=False`` a state from a different topology (world size,
@@ -218,31 +234,35 @@ class ResumableLoader:
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"unsupported data state version {state.get('version')}")
         d = self.dataset
-        mine = {"fingerprint": self.fingerprint, "seed": d.seed, "rank": d.rank, "world_size": d.world_size,
-                "num_workers": self.num_workers, "batch_size": d.batch_size}
+        mine = {"fingerprint": self.fingerprint, "seed": self.config_seed, "rank": d.rank,
+                "world_size": d.world_size, "num_workers": self.num_workers, "batch_size": d.batch_size}
         diff = {k: (state.get(k), v) for k, v in mine.items() if state.get(k) != v}
         if not diff:
             self._workers = {str(k): v for k, v in state["workers"].items()}
             self._next_worker = int(state["next_worker"])
             self._batches = int(state["batches"])
+            self._carried = dict(state.get("carried_skips", {}))
+            d.seed = int(state.get("effective_seed", self.config_seed))
             return
         what = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in diff.items())
         if strict:
             raise ValueError(f"data state does not match this loader ({what}); exact resume needs the same data "
                              "config, seed, rank, world size, workers and batch size (strict=False resumes inexactly)")
         logger.warning("data: inexact resume (%s): data order re-seeded", what)
-        counts: Dict[str, int] = {}
+        counts: Dict[str, int] = dict(state.get("carried_skips", {}))
         for snap in state["workers"].values():
             for k, v in snap["stats"]["counts"].items():
                 counts[k] = counts.get(k, 0) + v
-        self.base_skips = {k: self.base_skips.get(k, 0) + v for k, v in counts.items()}
-        d.seed = derive_seed(state.get("seed"), state.get("batches"), "reseed") % (2 ** 31)
+        self._carried = counts
+        d.seed = derive_seed(state.get("effective_seed", state.get("seed")), state.get("batches"), "reseed") % (2 ** 31)
         self._workers, self._next_worker, self._batches = {}, 0, int(state.get("batches", 0))
 
     # -- statistics ------------------------------------------------------------------------------------
     def stats(self) -> Dict[str, int]:
         """Skip counts by reason for this rank so far (all workers, across resumes)."""
         counts = dict(self.base_skips)
+        for k, v in self._carried.items():
+            counts[k] = counts.get(k, 0) + v
         for snap in self._workers.values():
             for k, v in snap["stats"]["counts"].items():
                 counts[k] = counts.get(k, 0) + v

@@ -49,6 +49,7 @@ class SourceSpec:
     cached: bool = False  # shards are target-feature cache shards (KEY.x0.npy instead of an image)
     x0_shape: Optional[List[int]] = None
     load_skips: int = 0  # JSON records that could not be parsed when the file was loaded
+    source_shards: List[str] = field(default_factory=list)  # the original shards when ``shards`` are cache shards
 
 
 def decode_image(raw: dict, stats: S.SkipStats) -> Optional[Image.Image]:

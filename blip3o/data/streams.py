@@ -77,9 +77,6 @@ class ShardSequence:
             self._perm_epoch, self._perm = epoch, perm
         return self.shards[self._perm[self.slot + i * self.num_slots]]
 
-    def epoch_of(self, j: int) -> int:
-        return j // len(self.shards) if self.resampled else j // self.per_epoch
-
 
 class ShardStream:
     """Raw samples of one webdataset source for one reader slot.
@@ -114,10 +111,6 @@ class ShardStream:
             if e[2] is not None:
                 e[2].close()
         self._open = []
-
-    @property
-    def epoch(self) -> int:
-        return self.seq.epoch_of(max(self.next_j - 1, 0))
 
     def _take_next_shard(self) -> list:
         entry = [self.next_j, 0, None, False]
@@ -182,10 +175,6 @@ class RecordStream:
 
     def close(self) -> None:
         pass
-
-    @property
-    def epoch(self) -> int:
-        return self.n // self.size if self.resampled else self.n // self.per_epoch
 
     def _index(self, n: int) -> int:
         if self.resampled:

@@ -130,7 +130,7 @@ class Blip3oForConditionalGeneration(PreTrainedModel):
         self.register_buffer("target_std", torch.ones(c))
         self.objective = build_objective(config.objective, **config.objective_kwargs)
         self.tokenizer = None
-        self._target_encoder = None
+        self.__dict__["_target_encoder"] = None
         self._source_dir: Optional[str] = None
         self.apply_recipe()
         self.post_init()
@@ -177,11 +177,13 @@ class Blip3oForConditionalGeneration(PreTrainedModel):
                 raise RuntimeError("this model has no target encoder attached and config.target_path is empty")
             if self._source_dir and not os.path.isabs(path) and (Path(self._source_dir) / path).is_dir():
                 path = str(Path(self._source_dir) / path)
-            self._target_encoder = load_target_encoder(path).to(self.device)
+            self.attach_target_encoder(load_target_encoder(path).to(self.device))
         return self._target_encoder
 
     def attach_target_encoder(self, encoder) -> None:
-        self._target_encoder = encoder
+        # Kept out of nn.Module's registry on purpose: the frozen encoder is a separate component
+        # (saved in target_encoder/), not part of this model's state dict or optimizer.
+        self.__dict__["_target_encoder"] = encoder
 
     def normalize_target(self, x0: torch.Tensor) -> torch.Tensor:
         if self.config.target_norm == "none":

@@ -202,3 +202,149 @@ def get_task(name: str):
     if name not in TASKS:
         raise ValueError(f"train.task: '{name}' is not one of {sorted(TASKS)}")
     return TASKS[name]
+
+
+class _DecoderModule(torch.nn.Module):
+    """The decoder's trainable parts as one module, so DDP/DeepSpeed and the checkpoint code see
+    an ordinary model; forward returns the reconstruction loss."""
+
+    def __init__(self, pipe, null_prob: float, feature_noise: float):
+        super().__init__()
+        from blip3o.decoders import trainable_parameters
+
+        self.pipe = pipe
+        self.denoiser = pipe.denoiser
+        self.connector = pipe.connector if pipe.kind == "sana" else None
+        self.vae = pipe.vae
+        self.null_condition = pipe.null_condition
+        trainable_parameters(pipe)
+        self.null_prob, self.feature_noise = null_prob, feature_noise
+
+    def forward(self, images, features, generator=None):
+        from blip3o.decoders import decoder_training_loss
+
+        loss, parts = decoder_training_loss(self.pipe, images, features, generator=generator,
+                                            null_prob=self.null_prob if self.training else 0.0,
+                                            feature_noise=self.feature_noise if self.training else 0.0)
+        return loss, parts
+
+
+class DecoderTask:
+    """Reconstruction training of the CLIP->pixels decoder: image -> frozen target encoder -> pooled
+    features -> the decoder learns to recover the image (reference §3.2). The loader yields decoder
+    images in [-1, 1]; the target's input is resampled from the same crop, so both see one view."""
+
+    def __init__(self, cfg: ExperimentConfig, dist: DistInfo):
+        from blip3o.models.build import load_target
+
+        self.cfg, self.dist = cfg, dist
+        m = cfg.model
+        self.target = load_target(m).to(dist.device)
+        if m.decoder == "none":
+            raise ValueError("model.decoder: set sdxl or sana to train a decoder")
+        if m.decoder_path:
+            from blip3o.decoders import load_decoder
+
+            pipe = load_decoder(m.decoder_path)
+        else:
+            from blip3o.decoders import build_decoder
+
+            kw = dict(feature_dim=self.target.channels, num_tokens=self.target.num_tokens)
+            kw.update(m.decoder_kwargs)
+            pipe = build_decoder(m.decoder, preset=m.decoder_preset, pretrained=False, **kw)
+        if pipe.feature_dim != self.target.channels:
+            raise ValueError(f"model.decoder_path: decoder expects {pipe.feature_dim}-d features, the {m.target} "
+                             f"target gives {self.target.channels}")
+        self.pipe = pipe
+        self.image_size = int(pipe.default_image_size)
+        self.model = _DecoderModule(pipe, m.decoder_null_prob, m.decoder_feature_noise)
+        self.val_images = None
+        from transformers import AutoTokenizer
+
+        from blip3o.models.backbone import resolve_backbone_path
+
+        # The loader builds generation prompts for every sample; the decoder ignores them.
+        self.tokenizer = AutoTokenizer.from_pretrained(resolve_backbone_path(m.backbone, m.backbone_path))
+        from blip3o.prompts import add_special_tokens
+
+        add_special_tokens(self.tokenizer)
+
+    def image_transform(self, img):
+        from blip3o.models.targets import resize_center_crop
+
+        img = resize_center_crop(img.convert("RGB"), self.image_size)
+        import numpy as np
+
+        arr = torch.from_numpy(np.asarray(img, dtype=np.float32)).permute(2, 0, 1)
+        return arr / 127.5 - 1.0
+
+    def build_loader(self, rank: int, world_size: int, seed: int):
+        from blip3o.data import build_train_dataloader
+
+        c = self.cfg
+        return build_train_dataloader(
+            c.data, self.tokenizer, image_transform=self.image_transform, rank=rank, world_size=world_size,
+            seed=seed, batch_size=c.train.per_device_train_batch_size, num_workers=c.data.num_workers,
+            template="chatml", num_queries=c.model.num_queries, max_length=c.model.max_length,
+            target_signature=None)
+
+    def features_of(self, images: torch.Tensor) -> torch.Tensor:
+        """[-1, 1] decoder images -> target tokens (B, N, C)."""
+        import torch.nn.functional as F
+
+        x = (images + 1) / 2
+        s = self.target.image_size
+        if x.shape[-1] != s or x.shape[-2] != s:
+            x = F.interpolate(x, size=(s, s), mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
+        mean = torch.tensor(self.target.mean, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.target.std, device=x.device).view(1, 3, 1, 1)
+        if self.cfg.model.target == "vae":
+            x = x * 2 - 1
+        else:
+            x = (x - mean) / std
+        with torch.no_grad():
+            f = self.target.encode(x)
+        return f.flatten(2).transpose(1, 2)
+
+    def to_device(self, batch, device):
+        images = batch["pixel_values"].to(device)
+        if self.val_images is None:
+            self.val_images = images[:4].clone()
+        return {"images": images, "features": self.features_of(images)}
+
+    def loss(self, module, batch):
+        return module(batch["images"], batch["features"])
+
+    def flops_per_sample(self) -> Dict[str, float]:
+        n = sum(p.numel() for p in self.pipe.denoiser.parameters())
+        lat = max(self.image_size // max(getattr(self.pipe, "vae_scale_factor", 8), 1), 1) ** 2
+        return {"trainable": 6.0 * n * lat, "frozen": 0.0}
+
+    @torch.no_grad()
+    def sample(self, path: Path, ema=None):
+        if self.val_images is None:
+            return None
+        from PIL import Image
+
+        feats = self.features_of(self.val_images)
+        gens = [torch.Generator().manual_seed(i) for i in range(feats.shape[0])]
+        recon = self.pipe(feats, generator=gens, output_type="pil").images
+        orig = [Image.fromarray(((im.permute(1, 2, 0) + 1) * 127.5).clamp(0, 255).byte().cpu().numpy())
+                for im in self.val_images]
+        grid = make_grid(orig + list(recon), cols=len(orig))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        grid.save(path)
+        return path
+
+    def save_final(self, out: Path, ema=None):
+        if ema is not None:
+            with torch.no_grad():
+                for n, p in self.model.named_parameters():
+                    if n in ema.shadow:
+                        p.copy_(ema.shadow[n].to(p.dtype))
+        self.pipe.save_pretrained(str(out))
+        (out / "experiment.json").write_text(json.dumps(self.cfg.to_dict(), indent=2))
+        logger.info("saved decoder to %s", out)
+
+
+TASKS["decoder"] = DecoderTask

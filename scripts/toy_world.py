@@ -1,0 +1,134 @@
+"""The toy world end to end on CPU: toy shards -> decoder (reconstruction) -> queries + DiT on captions ->
+samples of the evaluation prompts -> pixel score. This is what ``bash run.sh`` runs with no arguments.
+
+    python scripts/toy_world.py                                # defaults (configs/toy_decoder.yaml, configs/toy.yaml)
+    python scripts/toy_world.py train.max_steps=3              # plain overrides go to both training runs
+    python scripts/toy_world.py decoder.train.max_steps=50 gen.train.max_steps=100 --out outputs/toy2
+
+Writes OUT/decoder/ (a decoder dir), OUT/model/ (a self-contained model dir with diffusion-decoder/),
+OUT/samples/ (GenEval layout), OUT/score.json, OUT/grid.png, OUT/loss.png and OUT/timings.json.
+Stages whose output already exists are skipped (delete the folder, or pass --fresh, to redo them).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def train(config: str, overrides, log: Path) -> float:
+    t = time.time()
+    cmd = [sys.executable, "-m", "blip3o.train", str(ROOT / config), *overrides]
+    print("$", " ".join(cmd[1:]), flush=True)
+    with open(log, "w") as f:
+        r = subprocess.run(cmd, cwd=ROOT, stderr=subprocess.STDOUT, stdout=f)
+    if r.returncode != 0:
+        tail = log.read_text()[-3000:]
+        raise SystemExit(f"training failed (see {log}):\n{tail}")
+    return time.time() - t
+
+
+def loss_plot(runs, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(runs), figsize=(5 * len(runs), 3.5))
+    for ax, (name, metrics) in zip(axes if len(runs) > 1 else [axes], runs):
+        recs = [json.loads(l) for l in Path(metrics).read_text().splitlines()] if Path(metrics).is_file() else []
+        ax.plot([r["step"] for r in recs], [r["loss"] for r in recs])
+        ax.set_title(name)
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.set_yscale("log")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--out", default="outputs/toy")
+    p.add_argument("--data", default="toy_data")
+    p.add_argument("--num", type=int, default=20000, help="toy training samples to generate")
+    p.add_argument("--samples-per-prompt", type=int, default=2)
+    p.add_argument("--fresh", action="store_true", help="retrain even if outputs exist")
+    a = p.parse_args(argv)
+    os.environ.setdefault("OMP_NUM_THREADS", "2")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("WANDB_MODE", "disabled")
+    both = [o for o in a.overrides if not o.startswith(("decoder.", "gen."))]
+    dec_ov = both + [o[len("decoder."):] for o in a.overrides if o.startswith("decoder.")]
+    gen_ov = both + [o[len("gen."):] for o in a.overrides if o.startswith("gen.")]
+    out, data = (ROOT / a.out).resolve(), (ROOT / a.data).resolve()
+    if a.fresh and out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    timings = {}
+    t0 = time.time()
+
+    sys.path.insert(0, str(ROOT))
+    import blip3o  # noqa: F401
+    from blip3o.data.toy import write_toy_dataset
+
+    if not (data / "eval" / "prompts.jsonl").is_file():
+        t = time.time()
+        write_toy_dataset(str(data), num=a.num, seed=0)
+        timings["data_s"] = time.time() - t
+    shards = f"data.train_shards={data / 'train'}"
+    prompts = data / "eval" / "prompts.jsonl"
+
+    dec_dir = out / "decoder"
+    if not (dec_dir / "model_index.json").is_file():
+        timings["decoder_train_s"] = train("configs/toy_decoder.yaml", [shards, f"train.output_dir={dec_dir}", *dec_ov],
+                                           out / "decoder.log")
+    model_dir = out / "model"
+    if not (model_dir / "model.safetensors").is_file():
+        timings["generator_train_s"] = train("configs/toy.yaml", [
+            shards, f"data.eval_prompts={prompts}", f"train.output_dir={model_dir}", f"model.decoder_path={dec_dir}",
+            *gen_ov], out / "generator.log")
+
+    t = time.time()
+    import torch
+
+    from blip3o.eval.geneval import generate_geneval, read_prompt_rows
+    from blip3o.eval.toy import score_dir
+    from blip3o.pipeline import Blip3oPipeline
+    from blip3o.train.tasks import make_grid
+
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    pipe = Blip3oPipeline.from_pretrained(model_dir, device="cpu")
+    rows = read_prompt_rows(str(prompts))
+    samples = out / "samples"
+    shutil.rmtree(samples, ignore_errors=True)
+    generate_geneval(pipe, rows, str(samples), n_samples=a.samples_per_prompt, seed=0, batch_size=32)
+    timings["sample_s"] = time.time() - t
+    t = time.time()
+    score = score_dir(str(samples))
+    timings["score_s"] = time.time() - t
+    timings["total_s"] = time.time() - t0
+    score["timings"] = timings
+    (out / "score.json").write_text(json.dumps(score, indent=2))
+    (out / "timings.json").write_text(json.dumps(timings, indent=2))
+    from PIL import Image
+
+    tiles = [Image.open(samples / f"{i:05d}" / "samples" / "0000.png").convert("RGB") for i in range(min(16, len(rows)))]
+    make_grid(tiles, cols=4).resize((4 * 128, ((len(tiles) + 3) // 4) * 128), Image.NEAREST).save(out / "grid.png")
+    loss_plot([("decoder", dec_dir / "metrics.jsonl"), ("generator", model_dir / "metrics.jsonl")], out / "loss.png")
+    print(f"toy score {score['overall']:.3f} " + " ".join(f"{k}={v:.2f}" for k, v in score["tags"].items()))
+    print(f"wrote {out}/score.json, grid.png, loss.png; stage times: " +
+          ", ".join(f"{k}={v:.0f}s" for k, v in timings.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
