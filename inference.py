@@ -51,14 +51,14 @@ def read_prompts(args) -> list:
     if args.prompts_file:
         f = Path(args.prompts_file)
         if not f.is_file():
-            raise SystemExit(f"error: prompts file not found: {f}")
+            raise ValueError(f"prompts file not found: {f}")
         for line in f.read_text().splitlines():
             if not line.strip():
                 continue
             prompts.append(json.loads(line)["prompt"] if f.suffix == ".jsonl" else line.strip())
     for p in prompts:
         if not p.strip():
-            raise SystemExit("error: empty prompt")
+            raise ValueError("empty prompt")
     return prompts
 
 
@@ -69,7 +69,11 @@ def main(argv=None) -> int:
     if not ckpt.is_dir():
         print(f"error: checkpoint directory not found: {ckpt}", file=sys.stderr)
         return 2
-    prompts = read_prompts(args)
+    try:
+        prompts = read_prompts(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     image = None
     if args.image:
         from PIL import Image, UnidentifiedImageError
@@ -136,7 +140,10 @@ def main(argv=None) -> int:
                    decoder_num_inference_steps=args.decoder_steps, height=args.height, width=args.width,
                    progress=progress)
         images = res.images
-    grid = make_grid(images, cols=min(n, 4) if len(prompts) == 1 else n)
+    import math
+
+    # one prompt: a near-square grid (the reference's demo is 2x2); several: one row per prompt
+    grid = make_grid(images, cols=math.ceil(math.sqrt(n)) if len(prompts) == 1 else n)
     grid.save(out)
     if args.out_dir:
         d = Path(args.out_dir)

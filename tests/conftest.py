@@ -49,3 +49,29 @@ def run_env():
     env["OMP_NUM_THREADS"] = "1"
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     return env
+
+
+def make_tiny_checkpoint(out, decoder="sdxl", target="eva_clip", with_decoder=True):
+    """A saved tiny model dir (random weights) with a tiny diffusion-decoder/, as training writes it."""
+    from blip3o.config import load_config
+    from blip3o.models.build import build_model
+
+    cfg = load_config(None, ["preset=tiny", f"model.target={target}", "model.num_queries=16",
+                             "model.num_inference_steps=3"])
+    torch.manual_seed(0)
+    model, _ = build_model(cfg.model)
+    if with_decoder:
+        from blip3o.decoders import build_decoder
+
+        dec = build_decoder(decoder, preset="tiny", feature_dim=model.config.target_channels,
+                            num_tokens=model.config.target_grid[0] * model.config.target_grid[1],
+                            num_inference_steps=3)
+        dec.save_pretrained(str(Path(out) / "diffusion-decoder"))
+        model.config.decoder_path = "diffusion-decoder"
+    model.save_pretrained(out)
+    return Path(out)
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory):
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "model")

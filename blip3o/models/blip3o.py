@@ -130,6 +130,7 @@ class Blip3oForConditionalGeneration(PreTrainedModel):
         self.register_buffer("target_std", torch.ones(c))
         self.objective = build_objective(config.objective, **config.objective_kwargs)
         self.tokenizer = None
+        self.image_processor = None  # the backbone's own (understanding / editing inputs)
         self.__dict__["_target_encoder"] = None
         self._source_dir: Optional[str] = None
         self.apply_recipe()
@@ -350,6 +351,8 @@ class Blip3oForConditionalGeneration(PreTrainedModel):
         super().save_pretrained(str(save_directory), **kwargs)
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(str(save_directory))
+        if self.image_processor is not None:
+            self.image_processor.save_pretrained(str(save_directory))
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
@@ -371,6 +374,10 @@ class Blip3oForConditionalGeneration(PreTrainedModel):
 
             model.tokenizer = AutoTokenizer.from_pretrained(path)
             model.tokenizer.padding_side = "left"
+        if model._source_dir and (Path(path) / "preprocessor_config.json").is_file():
+            from transformers import AutoImageProcessor
+
+            model.image_processor = AutoImageProcessor.from_pretrained(path)
         return model
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from typing import Tuple
 
 import torch
@@ -98,6 +99,10 @@ def build_model(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> Tuple[B
     )
     model = Blip3oForConditionalGeneration(config, backbone=backbone)
     model.tokenizer = tokenizer
+    if os.path.isfile(os.path.join(bpath, "preprocessor_config.json")):
+        from transformers import AutoImageProcessor
+
+        model.image_processor = AutoImageProcessor.from_pretrained(bpath)
     model.attach_target_encoder(target)
     return model, tokenizer
 

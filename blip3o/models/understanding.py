@@ -14,6 +14,8 @@ from PIL import Image
 def load_image_processor(model, processor=None):
     if processor is not None:
         return processor
+    if getattr(model, "image_processor", None) is not None:
+        return model.image_processor
     from transformers import AutoImageProcessor
 
     src = model._source_dir or model.config.backbone_path
