@@ -28,7 +28,12 @@ from blip3o.decoders.base import (
 )
 from blip3o.decoders.sana import SanaFeatureConnector, SanaFeatureDecoderPipeline, build_sana_decoder
 from blip3o.decoders.sdxl import SDXLFeatureDecoderPipeline, build_sdxl_decoder, save_official_layout
-from blip3o.decoders.training import decoder_training_loss, train_decoder_steps, trainable_parameters
+from blip3o.decoders.training import (
+    decoder_training_loss,
+    train_decoder_steps,
+    train_vae_steps,
+    trainable_parameters,
+)
 from blip3o.registry import Registry
 
 
@@ -146,5 +151,6 @@ __all__ = [
     "make_tiny_decoder",
     "save_official_layout",
     "train_decoder_steps",
+    "train_vae_steps",
     "trainable_parameters",
 ]

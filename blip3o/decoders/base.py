@@ -80,7 +80,6 @@ class PixelUnshuffleAutoencoder(ModelMixin, ConfigMixin):
     @register_to_config
     def __init__(self, in_channels: int = 3, factor: int = 4, scaling_factor: float = 1.0, shift_factor: float = 0.0):
         super().__init__()
-        self.register_to_config(latent_channels=in_channels * factor * factor)
         # A buffer gives the module a dtype/device for ModelMixin.dtype and pipeline.to().
         self.register_buffer("_anchor", torch.zeros(()), persistent=False)
 
@@ -127,7 +126,10 @@ def vae_scale_factor(vae) -> int:
 
 
 def vae_latent_channels(vae) -> int:
-    return int(vae.config.latent_channels)
+    cfg = vae.config
+    if "factor" in cfg:
+        return int(cfg.in_channels) * int(cfg.factor) ** 2
+    return int(cfg.latent_channels)
 
 
 def _shift(vae) -> float:
@@ -152,22 +154,31 @@ def encode_to_latents(vae, images: torch.Tensor, sample_posterior: bool = False,
 
 def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
     """Scaled latents -> pixels in [0, 1] (float32)."""
-    dtype = vae.dtype
-    if dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
-        vae.to(torch.float32)  # the SDXL VAE overflows in fp16
-        dtype = torch.float32
     z = latents.float() / float(vae.config.scaling_factor) + _shift(vae)
-    x = vae.decode(z.to(dtype)).sample
+    if vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
+        # The SDXL VAE overflows in fp16: decode in fp32, then restore (as diffusers' SDXL pipeline does).
+        vae.to(torch.float32)
+        try:
+            x = vae.decode(z).sample
+        finally:
+            vae.to(torch.float16)
+    else:
+        x = vae.decode(z.to(vae.dtype)).sample
     return (x.float() / 2 + 0.5).clamp(0, 1)
 
 
 @torch.no_grad()
-def calibrate_scaling_factor(vae, image_size: int, seed: int = 0, n: int = 8) -> float:
-    """Choose `scaling_factor` so latents of smooth random images have unit std (for random tiny VAEs)."""
-    g = torch.Generator().manual_seed(seed)
-    # Low-frequency colour fields rather than white noise: closer to real / toy images.
-    coarse = torch.rand(n, 3, 4, 4, generator=g) * 2 - 1
-    images = F.interpolate(coarse, size=(image_size, image_size), mode="bilinear", align_corners=False)
+def calibrate_scaling_factor(vae, image_size: int = 64, seed: int = 0, n: int = 8,
+                             images: Optional[torch.Tensor] = None) -> float:
+    """Set `scaling_factor` so latents have unit std (SD's recipe), on `images` or smooth random images.
+
+    Used for tiny VAEs, whose latent scale is arbitrary; diffusion noise levels assume unit-variance data.
+    """
+    if images is None:
+        g = torch.Generator().manual_seed(seed)
+        # Low-frequency colour fields rather than white noise: closer to real / toy images.
+        coarse = torch.rand(n, 3, 4, 4, generator=g) * 2 - 1
+        images = F.interpolate(coarse, size=(image_size, image_size), mode="bilinear", align_corners=False)
     vae.register_to_config(scaling_factor=1.0)
     z = encode_to_latents(vae, images.to(vae.device))
     std = float(z.std())

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from diffusers.utils.torch_utils import randn_tensor
 
-from blip3o.decoders.base import FeatureDecoderPipeline, encode_to_latents
+from blip3o.decoders.base import FeatureDecoderPipeline, calibrate_scaling_factor, encode_to_latents
 
 _PREDICTION_ALIASES = {
     "epsilon": "epsilon", "eps": "epsilon", "v_prediction": "v_prediction", "v": "v_prediction",
@@ -231,4 +231,52 @@ def train_decoder_steps(
         for m in trained:
             m.eval()
         pipe.clear_null_cache()
+    return losses
+
+
+def train_vae_steps(
+    pipe: FeatureDecoderPipeline,
+    images: Iterable[torch.Tensor],
+    steps: int,
+    lr: float = 1e-3,
+    kl_weight: float = 1e-6,
+    seed: int = 0,
+) -> List[float]:
+    """Fit a tiny VAE as an autoencoder (MSE + kl_weight * KL for AutoencoderKL), then recalibrate its scale.
+
+    A randomly initialised tiny AutoencoderKL/DC decodes any latent to noise-like pixels, so a toy decoder
+    trained on its latents cannot produce recognisable images; fit it on toy images first (the weights are
+    then frozen for decoder training), or use vae="pixel". Returns the per-step reconstruction losses.
+    images: batches (B, 3, H, W) in [-1, 1]; a list/tuple is cycled.
+    """
+    vae = pipe.vae
+    params = [p for p in vae.parameters()]
+    if not params:
+        raise ValueError(f"{type(vae).__name__} has no parameters to train")
+    vae.requires_grad_(True)
+    optimizer = torch.optim.AdamW(params, lr=lr)
+    generator = torch.Generator().manual_seed(seed)
+    source = itertools.cycle(images) if isinstance(images, (list, tuple)) else iter(images)
+    vae.train()
+    losses, last = [], None
+    try:
+        for _ in range(steps):
+            last = next(source).to(device=vae.device, dtype=vae.dtype)
+            out = vae.encode(last)
+            if hasattr(out, "latent_dist"):
+                z, kl = out.latent_dist.sample(generator), out.latent_dist.kl().mean()
+            else:
+                z, kl = out.latent, torch.zeros((), device=last.device)
+            recon = F.mse_loss(vae.decode(z).sample.float(), last.float())
+            loss = recon + kl_weight * kl
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(recon.item())
+    finally:
+        vae.eval()
+        vae.requires_grad_(False)
+    if last is not None:
+        calibrate_scaling_factor(vae, images=last)
+    pipe.clear_null_cache()
     return losses
