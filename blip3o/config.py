@@ -97,6 +97,7 @@ class DataConfig:
     json_loader: str = "auto"
     max_consecutive_bad: int = 1000
     prefetch_factor: int = 2
+    pin_memory: bool = False
     log_every: int = 500
     eval_prompts: Optional[str] = None  # GenEval-format JSONL for sample grids / toy scoring
 

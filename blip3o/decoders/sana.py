@@ -202,8 +202,6 @@ class SanaFeatureDecoderPipeline(FeatureDecoderPipeline):
         null = load_component(root, "null_condition", torch_dtype, variant)
         if null is None:
             null = NullCondition(num_tokens=64, feature_dim=parts["connector"].config.in_dim, source="zeros")
-            if torch_dtype is not None:
-                null.to(torch_dtype)
         steps = cls._pipeline_config(root).get("default_num_inference_steps", OFFICIAL_STEPS)
         return cls(**parts, null_condition=null, default_num_inference_steps=int(steps))
 

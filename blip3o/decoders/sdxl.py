@@ -12,11 +12,12 @@ does, or EVA features of a black image, as the eva-clip-reconstruct branch does)
 """
 from __future__ import annotations
 
-import copy
+import json
 import os
 from typing import Any, Dict, Optional
 
 import torch
+from safetensors.torch import save_file
 
 from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
 
@@ -179,8 +180,6 @@ class SDXLFeatureDecoderPipeline(FeatureDecoderPipeline):
         null = load_component(root, "null_condition", torch_dtype, variant)
         if null is None:  # official folders carry no null condition: zeros (see module docstring)
             null = NullCondition(num_tokens=64, feature_dim=parts["unet"].config.cross_attention_dim, source="zeros")
-            if torch_dtype is not None:
-                null.to(torch_dtype)
         steps = cls._pipeline_config(root).get("default_num_inference_steps", OFFICIAL_STEPS)
         return cls(**parts, null_condition=null, default_num_inference_steps=int(steps))
 
@@ -269,8 +268,13 @@ def save_official_layout(pipe: SDXLFeatureDecoderPipeline, path: str, variant: s
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(variant, torch.float32)
     os.makedirs(path, exist_ok=True)
     for name in ("unet", "vae"):
-        module = copy.deepcopy(getattr(pipe, name)).to(dtype)
-        module.save_pretrained(os.path.join(path, name), variant=variant)
+        # Written directly (config + one variant safetensors file) rather than via module.to(dtype), which
+        # would cast the live pipeline or need a deep copy.
+        module, folder = getattr(pipe, name), os.path.join(path, name)
+        module.save_config(folder)
+        tensors = {k: v.detach().to(dtype).contiguous() for k, v in module.state_dict().items()}
+        save_file(tensors, os.path.join(folder, f"diffusion_pytorch_model.{variant}.safetensors"),
+                  metadata={"format": "pt"})
     pipe.scheduler.save_pretrained(os.path.join(path, "scheduler"))
     os.makedirs(os.path.join(path, "feature_extractor"), exist_ok=True)
     clip_mean, clip_std = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
@@ -289,8 +293,6 @@ def save_official_layout(pipe: SDXLFeatureDecoderPipeline, path: str, variant: s
         "unet": ["diffusers", "UNet2DConditionModel"],
         "vae": ["diffusers", "AutoencoderKL"],
     }
-    import json
-
     with open(os.path.join(path, "feature_extractor", "preprocessor_config.json"), "w") as f:
         json.dump(preprocessor, f, indent=2)
     with open(os.path.join(path, "model_index.json"), "w") as f:

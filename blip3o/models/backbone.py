@@ -139,13 +139,19 @@ class BackboneAdapter:
     def tiny_config(self, vocab_size: int, pad_id: int, eos_id: int, bos_id: Optional[int]) -> Dict[str, Any]:
         raise NotImplementedError
 
-    def make_tiny(self, path: str, seed: int = 0) -> str:
+    def make_tiny(self, path: str, seed: int = 0, init_std: Optional[float] = None) -> str:
         """Random tiny weights + a real tokenizer, written with save_pretrained so that tests and the toy
-        world load them through exactly the code path real checkpoints use."""
+        world load them through exactly the code path real checkpoints use. ``init_std`` overrides the
+        weight init std (HF default 0.02, at which a random 2-layer model is nearly the identity on its
+        input embeddings: the query states then carry ~0.1% of the prompt; 0.2 makes attention mix)."""
         out = Path(path)
         tok = self._tiny_tokenizer(out)
         bos = tok.bos_token_id if tok.bos_token is not None else None
         d = self.tiny_config(len(tok), tok.pad_token_id, tok.eos_token_id, bos)
+        if init_std is not None:
+            d["initializer_range"] = init_std
+            if "text_config" in d:
+                d["text_config"]["initializer_range"] = init_std
         torch.manual_seed(seed)
         model = self.from_config(d)
         model.save_pretrained(str(out))
@@ -171,8 +177,8 @@ class _Qwen25VL(BackboneAdapter):
             vision_start_token_id=151652, vision_end_token_id=151653,
         )
 
-    def make_tiny(self, path: str, seed: int = 0) -> str:
-        out = super().make_tiny(path, seed)
+    def make_tiny(self, path: str, seed: int = 0, init_std: Optional[float] = None) -> str:
+        out = super().make_tiny(path, seed, init_std=init_std)
         # An image processor so the understanding path (image + question) works from the same directory.
         try:
             from transformers import Qwen2VLImageProcessorPil as ImageProcessor
@@ -258,6 +264,9 @@ def resolve_backbone_path(name: str, path: Optional[str]) -> str:
         return adapter.default_path
     if path == "tiny":
         return materialize("backbone", name, lambda p, s: adapter.make_tiny(p, s))
+    if path.startswith("tiny-std"):  # e.g. "tiny-std0.2": the tiny preset with weight init std 0.2
+        std = float(path[len("tiny-std"):])
+        return materialize("backbone", f"{name}-std{std:g}", lambda p, s: adapter.make_tiny(p, s, init_std=std))
     return path
 
 

@@ -364,8 +364,8 @@ class Trainer:
             if stop:
                 logger.warning("received signal %s: checkpoint saved at step %d, exiting", self._stop_signal, self.step)
                 return {"stopped_by_signal": True, "step": self.step}
-        if self.dist.is_main and hasattr(self.loader, "stats"):
-            logger.info("data: %s", self.loader.stats())
+        if self.dist.is_main and hasattr(self.loader, "summary"):
+            logger.info("data: %s", self.loader.summary())
         if self.dist.is_main:
             self.task.save_final(self.out, self.ema)
         barrier()
