@@ -217,7 +217,7 @@ def test_overfit_single_image_reconstructs(kind):
     pipe = build_decoder(kind, feature_dim=DIM, **overrides)
     target, other = blob_images(1, seed=1), blob_images(1, seed=2)
     f = feats(1, seed=3)
-    batch = (target.expand(8, -1, -1, -1), f.expand(8, -1, -1))
+    batch = (target.expand(4, -1, -1, -1), f.expand(4, -1, -1))
     train_decoder_steps(pipe, [batch], steps=80, lr=2e-3, null_prob=0.0)
     sample = pipe(f, guidance_scale=1.0, generator=gens([0]), output_type="pt").images * 2 - 1
     # A random tiny VAE cannot reproduce pixels; the decoder's job is to reproduce the VAE's reconstruction.
@@ -251,3 +251,27 @@ def test_fit_tiny_vae():
     assert sum(losses[-3:]) / 3 < 0.5 * sum(losses[:3]) / 3, losses
     assert not any(p.requires_grad for p in pipe.vae.parameters())
     assert encode_to_latents(pipe.vae, batches[0]).std().item() == pytest.approx(1.0, rel=0.3)
+
+
+@pytest.mark.parametrize("kind, prediction", [("sdxl", "epsilon"), ("sdxl", "v_prediction"), ("sana", "flow")])
+def test_other_objectives_and_module_mapping(kind, prediction):
+    """Non-default targets build a matching scheduler, and the loss accepts wrapped modules (DDP-style)."""
+    pipe = build_decoder(kind, feature_dim=DIM, prediction=prediction)
+    assert pipe.scheduler.config.prediction_type == ("flow_prediction" if prediction == "flow" else prediction)
+    images, f = blob_images(2, seed=0), feats(2)
+    loss, _ = decoder_training_loss(pipe, images, f, generator=torch.Generator().manual_seed(0))
+
+    class Wrapper(torch.nn.Module):  # stands in for DistributedDataParallel: forwards, hides .config
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+        def forward(self, *args, **kwargs):
+            return self.module(*args, **kwargs)
+
+    modules = dict(pipe.components)
+    modules[pipe.denoiser_name] = Wrapper(pipe.denoiser)
+    wrapped, _ = decoder_training_loss(modules, images, f, generator=torch.Generator().manual_seed(0),
+                                       prediction=prediction)
+    assert torch.isfinite(loss) and torch.allclose(loss, wrapped)
+    assert pipe(f[:1], num_inference_steps=STEPS, output_type="pt").images.shape == (1, 3, 64, 64)

@@ -99,23 +99,33 @@ def test_slurm_sh_two_agent_rendezvous(slurm_cluster, tmp_path):
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR"):
         env.pop(k, None)
     log = tmp_path / "slurm-%j.out"
-    cmd = ["sbatch", "--wait", "--ntasks=2", "--cpus-per-task=1", "--time=10", f"--output={log}",
+    cmd = ["sbatch", "--wait", "--ntasks=2", "--ntasks-per-node=2", "--cpus-per-task=1", "--time=10", f"--output={log}",
            "--job-name=blip3o-test", str(ROOT / "slurm.sh"), str(ROOT / "configs" / "toy.yaml"),
            f"data.train_shards={toy / 'train'}", f"data.eval_prompts={toy / 'eval' / 'prompts.jsonl'}",
            f"train.max_steps={steps}", "train.save_steps=2", "train.logging_steps=1",
            "train.per_device_train_batch_size=4", "train.log_sample_keys=true", "data.num_workers=0",
            "data.resampled=false", "data.shuffle_buffer=50"]
     t = time.time()
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=JOB_TIMEOUT)
-    except subprocess.TimeoutExpired:
+        while proc.poll() is None:
+            # sbatch --wait waits forever on a job Slurm can never start (e.g. too few CPUs configured): fail fast.
+            q = subprocess.run(["squeue", "-h", "-o", "%T %r"], env=env, capture_output=True, text=True, timeout=30)
+            for state, reason in (l.split(maxsplit=1) for l in q.stdout.splitlines() if l.strip()):
+                if state == "PENDING" and reason not in ("None", "Priority", "Resources"):
+                    raise AssertionError(f"job cannot start: Reason={reason}\n{_logs(slurm_cluster['dir'])}")
+            if time.time() - t > JOB_TIMEOUT:
+                raise AssertionError(f"sbatch --wait still running after {JOB_TIMEOUT}s")
+            time.sleep(1.0)
+    except AssertionError as e:
         subprocess.run(["scancel", "--name=blip3o-test"], env=env, timeout=30)
-        pytest.fail(f"sbatch --wait timed out after {JOB_TIMEOUT}s:\n" +
-                    "".join(p.read_text()[-5000:] for p in tmp_path.glob("slurm-*.out")))
+        proc.wait(60)
+        pytest.fail(f"{e}\n" + "".join(p.read_text()[-5000:] for p in tmp_path.glob("slurm-*.out")))
+    stdout, stderr = proc.communicate()
     job_log = "".join(p.read_text() for p in tmp_path.glob("slurm-*.out"))
-    assert proc.returncode == 0, (f"sbatch exit {proc.returncode} after {time.time() - t:.0f}s\n{proc.stderr}\n"
+    assert proc.returncode == 0, (f"sbatch exit {proc.returncode} after {time.time() - t:.0f}s\n{stderr}\n"
                                   f"{job_log[-6000:]}\n{_logs(slurm_cluster['dir'])}")
-    assert "Submitted batch job" in proc.stdout
+    assert "Submitted batch job" in stdout
 
     m = {}
     for line in (out / "metrics.jsonl").read_text().splitlines():

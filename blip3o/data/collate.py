@@ -26,7 +26,7 @@ from typing import Dict, List, Sequence, Tuple
 
 import torch
 
-from blip3o.prompts import IMAGE_TOKEN, ChatTemplate, encode_generation_prompts, left_pad
+from blip3o.prompts import IMAGE_TOKEN, ChatTemplate, encode_edit_prompts, encode_generation_prompts, left_pad
 
 IGNORE_INDEX = -100
 _USER_ROLES = {"human", "user"}
@@ -117,8 +117,9 @@ class BatchCollator:
     """Turns a list of decoded samples into the batch dict described in the module docstring."""
 
     def __init__(self, tokenizer, template: ChatTemplate, num_queries: int = 64, max_length: int = 512,
-                 und_image_transform=None):
+                 und_image_transform=None, und_image_tokens: int = 256):
         self.tokenizer, self.template = tokenizer, template
+        self.und_image_tokens = und_image_tokens
         self.num_queries, self.max_length = num_queries, max_length
         self.und_image_transform = und_image_transform
 
@@ -126,10 +127,26 @@ class BatchCollator:
         gen = [s for s in samples if s["kind"] == "gen"]
         und = [s for s in samples if s["kind"] == "und"]
         batch: Dict[str, object] = {"keys": [s["key"] for s in gen], "sources": [s["source"] for s in gen]}
-        if gen:
+        if gen and any("edit_image" in s for s in gen):
+            # Editing rows carry their source image as <|image_pad|> slots before the instruction; plain
+            # rows keep the generation prompt. One left-padded batch either way.
+            rows = []
+            for s in gen:
+                if "edit_image" in s:
+                    enc = encode_edit_prompts(self.tokenizer, [s["caption"]], [self.und_image_tokens],
+                                              self.template, max_length=self.max_length + self.und_image_tokens,
+                                              num_queries=self.num_queries)
+                else:
+                    enc = encode_generation_prompts(self.tokenizer, [s["caption"]], template=self.template,
+                                                    max_length=self.max_length, num_queries=self.num_queries)
+                rows.append(enc["input_ids"][0][enc["attention_mask"][0].bool()].tolist())
+            batch.update(left_pad(rows, self.tokenizer.pad_token_id))
+            batch["cond_images"] = [s["edit_image"] for s in gen if "edit_image" in s]
+        elif gen:
             batch.update(encode_generation_prompts(
                 self.tokenizer, [s["caption"] for s in gen], template=self.template,
                 max_length=self.max_length, num_queries=self.num_queries))
+        if gen:
             if "target_latents" in gen[0]:
                 batch["target_latents"] = torch.stack([s["target_latents"] for s in gen])
             else:

@@ -101,6 +101,11 @@ def record_caption(rec: dict, caption_key: Optional[str]) -> Tuple[bool, Optiona
 
 
 def record_kind(rec: dict, task: str) -> str:
-    if task in ("gen", "und"):
+    if task in ("gen", "und", "edit"):
         return task
-    return "und" if rec.get("conversations") is not None else "gen"
+    if rec.get("conversations") is not None:
+        return "und"
+    # Editing triples: {"source": input image, "instruction": text, "target": edited image}.
+    if rec.get("source") is not None and rec.get("target") is not None and rec.get("instruction") is not None:
+        return "edit"
+    return "gen"

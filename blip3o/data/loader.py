@@ -327,7 +327,8 @@ def build_train_dataloader(
                             und_image=SquareImage(int(cfg_get(data_cfg, "und_image_size"))),
                             und_image_tokens=int(cfg_get(data_cfg, "und_image_tokens")), max_length=max_length)
     collate = BatchCollator(tokenizer, template, num_queries=num_queries, max_length=max_length,
-                            und_image_transform=und_image_transform)
+                            und_image_transform=und_image_transform,
+                            und_image_tokens=int(cfg_get(data_cfg, "und_image_tokens")))
     shuffle_buffer, interleave = int(cfg_get(data_cfg, "shuffle_buffer")), int(cfg_get(data_cfg, "interleave"))
     dataset = StreamingDataset(sources, decoder, collate, batch_size=batch_size, seed=seed, rank=rank,
                                world_size=world_size, num_workers=num_workers, shuffle_buffer=shuffle_buffer,

@@ -156,6 +156,8 @@ class SampleDecoder:
         out = {"kind": kind, "key": raw["__key__"], "source": src.name}
         if kind == "und":
             return self._conversation(rec, path, out, where, stats)
+        if kind == "edit":
+            return self._edit(rec, src, out, where, stats)
         found, value = record_caption(rec, src.caption_key)
         caption = self._caption(value if found else None, where, stats)
         if caption is None:
@@ -170,6 +172,29 @@ class SampleDecoder:
         if pixels is None:
             return None
         out.update(caption=caption, pixel_values=pixels)
+        return out
+
+    def _edit(self, rec, src, out, where, stats) -> Optional[dict]:
+        """An editing triple becomes a generation sample whose prompt also carries the source image
+        (seen by the backbone's vision tower, like understanding images) and whose target is the edit."""
+        instruction = self._caption(rec.get("instruction"), where, stats)
+        if instruction is None:
+            return None
+        images = []
+        for field in ("source", "target"):
+            path = rec[field] if os.path.isabs(str(rec[field])) or not src.image_root else \
+                os.path.join(src.image_root, rec[field])
+            if not os.path.isfile(path):
+                stats.add(S.MISSING_IMAGE, f"{where}: {field} {path}")
+                return None
+            img = open_image(path, path, stats)
+            if img is None:
+                return None
+            images.append(img)
+        pixels = self._pixels(images[1], where, stats)
+        if pixels is None:
+            return None
+        out.update(kind="gen", caption=instruction, edit_image=self.und_image(images[0]), pixel_values=pixels)
         return out
 
     def _conversation(self, rec, path, out, where, stats) -> Optional[dict]:

@@ -432,7 +432,8 @@ class FeatureDecoderPipeline(DiffusionPipeline):
 
         # Euler draws (unused, s_churn=0) noise every step; handing it the same generator list keeps
         # per-sample streams independent of the batch.
-        step_kwargs = {"generator": generator} if "generator" in inspect.signature(self.scheduler.step).parameters else {}
+        accepts_generator = "generator" in inspect.signature(self.scheduler.step).parameters
+        step_kwargs = {"generator": generator} if accepts_generator else {}
         for t in self.progress_bar(self.scheduler.timesteps):
             model_in = torch.cat([latents, latents]) if do_cfg else latents
             model_in = self.scheduler.scale_model_input(model_in, t)

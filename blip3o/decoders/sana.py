@@ -274,7 +274,7 @@ def build_sana_decoder(
             vae_model = AutoencoderDC(**v_cfg)
         connector = SanaFeatureConnector(**c_cfg)
         null = NullCondition(num_tokens=num_tokens, feature_dim=feature_dim, source="zeros")
-    if preset == "tiny" and vae == "dc" and "scaling_factor" not in (vae_config or {}):
+    if preset == "tiny" and vae == "dc" and "scaling_factor" not in (vae_config or {}) and device != "meta":
         calibrate_scaling_factor(vae_model, image_size, seed=seed)
     scheduler = DPMSolverMultistepScheduler(**s_cfg)
     pipe = SanaFeatureDecoderPipeline(transformer, vae_model, scheduler, connector, null,

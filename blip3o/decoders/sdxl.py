@@ -249,7 +249,7 @@ def build_sdxl_decoder(
         else:
             vae_model = AutoencoderKL(**v_cfg)
         null = NullCondition(num_tokens=num_tokens, feature_dim=u_cfg["cross_attention_dim"], source="zeros")
-    if preset == "tiny" and vae == "kl" and "scaling_factor" not in (vae_config or {}):
+    if preset == "tiny" and vae == "kl" and "scaling_factor" not in (vae_config or {}) and device != "meta":
         calibrate_scaling_factor(vae_model, image_size, seed=seed)
     scheduler = EulerDiscreteScheduler(**s_cfg)
     pipe = SDXLFeatureDecoderPipeline(unet, vae_model, scheduler, null, default_num_inference_steps=steps)

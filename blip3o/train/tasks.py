@@ -108,7 +108,16 @@ class T2ITask:
             max_length=c.model.max_length, target_signature=self.target.signature())
 
     def to_device(self, batch, device):
+        cond_images = batch.get("cond_images")
         batch = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
+        if cond_images:
+            # Editing: the source images go through the backbone's own image processor here (not in
+            # the workers), so the patch layout always matches the backbone being trained.
+            if self.model.image_processor is None:
+                raise ValueError("editing data needs a backbone with an image processor (qwen2_5_vl)")
+            vis = self.model.image_processor(images=cond_images, return_tensors="pt")
+            batch["cond_pixel_values"] = vis["pixel_values"]
+            batch["cond_image_grid_thw"] = vis["image_grid_thw"]
         batch = move(batch, device)
         if "target_latents" not in batch and "pixel_values" in batch:
             with torch.no_grad():

@@ -3,13 +3,16 @@
 # Prints "export ..." lines to eval. Requires root + Debian packages: slurmctld slurmd slurm-client munge.
 # Nothing is written under /etc: key, socket, slurm.conf, spool, logs and pid files all live in $1, and
 # clients find the cluster through SLURM_CONF. Ports: CTLD_PORT / SLURMD_PORT (defaults 16817 / 16818).
-# Recipe and measurements: /work/shared/SLURM_LOCALHOST.md. Stop with stop_local_slurm.sh $1.
+# Recipe and measurements: /work/shared/SLURM_LOCALHOST.md (this is that script plus CPU detection that ignores
+# OMP_NUM_THREADS). Stop with stop_local_slurm.sh $1.
 set -euo pipefail
 D=${1:-$(mktemp -d /tmp/slurm-test.XXXXXX)}
 mkdir -p "$D"/{munge,spool/ctld,spool/d,log}
 chmod 755 "$D" "$D/munge"
 HOST=$(hostname -s)
-NCPU=$(nproc)
+# Not plain `nproc`: it honours OMP_NUM_THREADS, which tests set to 1, and a 1-CPU node can never run
+# `--ntasks=2 --cpus-per-task=1` (the job would pend forever with Reason=PartitionConfig).
+NCPU=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)
 CTLD_PORT=${CTLD_PORT:-16817}
 SLURMD_PORT=${SLURMD_PORT:-16818}
 
