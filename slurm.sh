@@ -3,7 +3,7 @@
 #
 #   sbatch --nodes=4 --gpus-per-node=8 slurm.sh configs/pretrain_8b.yaml          # the paper: 4 x 8 GPUs
 #   IMG_FOLDER=/data/blip3o OUTPUT_FOLDER=/ckpt/8b sbatch --nodes=4 --gpus-per-node=8 slurm.sh
-#   NPROC_PER_NODE=1 sbatch --ntasks=2 slurm.sh configs/toy.yaml  # 2 agents on one host (CPU test)
+#   NPROC_PER_NODE=1 sbatch --ntasks=2 --ntasks-per-node=2 slurm.sh configs/toy.yaml  # 2 agents on one host (CPU test)
 #
 # Node count: sbatch --nodes (or --ntasks, one agent per task). GPUs per node: NPROC_PER_NODE
 # (default SLURM_GPUS_ON_NODE, else 8). Extra arguments are a config file and/or overrides.

@@ -263,7 +263,8 @@ def save_official_layout(pipe: SDXLFeatureDecoderPipeline, path: str, variant: s
 
     unet/, vae/ and scheduler/ subfolders with `*.{variant}.safetensors` weights in that dtype, a
     feature_extractor/ preprocessor config, and a model_index.json naming the Emu2 pipeline class, whose code
-    (`pipeline_llava_gen.py`) we never need. The null condition is not written (the official folder has none).
+    (`pipeline_llava_gen.py`) we never need. The official folder has no null condition; a non-zero one is
+    kept in an extra `null_condition/` subfolder so it survives the round trip (zeros are the load default).
     """
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(variant, torch.float32)
     os.makedirs(path, exist_ok=True)
@@ -276,6 +277,8 @@ def save_official_layout(pipe: SDXLFeatureDecoderPipeline, path: str, variant: s
         save_file(tensors, os.path.join(folder, f"diffusion_pytorch_model.{variant}.safetensors"),
                   metadata={"format": "pt"})
     pipe.scheduler.save_pretrained(os.path.join(path, "scheduler"))
+    if pipe.null_condition.config.source != "zeros":
+        pipe.null_condition.save_pretrained(os.path.join(path, "null_condition"))
     os.makedirs(os.path.join(path, "feature_extractor"), exist_ok=True)
     clip_mean, clip_std = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
     preprocessor = {

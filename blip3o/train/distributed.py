@@ -86,3 +86,13 @@ def broadcast_object(obj, src: int = 0):
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
+    """Makes every rank's buffers equal to rank `src`'s (what DDP does before each forward; DeepSpeed does it
+    only at initialisation, so buffers set from rank-local data afterwards, such as target statistics taken
+    from the first batch, would otherwise differ between ranks)."""
+    if not dist.is_initialized():
+        return
+    for b in module.buffers():
+        dist.broadcast(b.data, src=src)

@@ -24,7 +24,8 @@ from safetensors.torch import load_file, save_file
 
 from blip3o.config import ExperimentConfig
 from blip3o.train import checkpoint as ckpt
-from blip3o.train.distributed import DistInfo, all_reduce_max, all_reduce_mean, barrier, init_distributed
+from blip3o.train.distributed import (DistInfo, all_reduce_max, all_reduce_mean, barrier, broadcast_buffers,
+                                      init_distributed)
 
 logger = logging.getLogger("blip3o.train")
 
@@ -96,7 +97,14 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
         barrier()
         torch.manual_seed(t.seed)  # same init of new modules on every rank
+        # Rank 0 builds first: building may materialise a tiny preset into the shared cache, and transformers'
+        # save_pretrained writes no config/weights on rank != 0 once a process group exists, so a rank != 0
+        # that won the cache race would leave a "complete" directory without model files.
+        if not self.dist.is_main:
+            barrier()
         self.task = task_factory(cfg, self.dist)
+        if self.dist.is_main:
+            barrier()
         self.model = self.task.model.to(self.dist.device)
         self.named_trainable = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         if not self.named_trainable:
@@ -284,6 +292,7 @@ class Trainer:
     def _loop(self, bar, flops, bsz) -> Dict[str, Any]:
         t = self.cfg.train
         it = iter(self.loader)
+        synced_buffers = self.engine is None  # DDP broadcasts rank 0's buffers before every forward itself
         window_t, window_samples = time.perf_counter(), 0
         last = {}
         self.model.train()
@@ -297,6 +306,9 @@ class Trainer:
                     with open(self.out / f"keys-rank{self.dist.rank}.jsonl", "a") as f:
                         f.write(json.dumps({"step": self.step + 1, "keys": list(raw["keys"])}) + "\n")
                 batch = self.task.to_device(raw, self.dist.device)
+                if not synced_buffers:  # DeepSpeed: the first batch may set buffers from rank-local data
+                    broadcast_buffers(self.model)  # (target_norm=channel statistics): keep rank 0's, as DDP does
+                    synced_buffers = True
                 with self._autocast():
                     loss, parts = self.task.loss(self.forward_module, batch)
                 # Every rank must agree to skip, or collective ops would deadlock.
