@@ -1,7 +1,7 @@
 """The toy world end to end on CPU: toy shards -> decoder (reconstruction) -> queries + DiT on captions ->
 samples of the evaluation prompts -> pixel score. This is what ``bash run.sh`` runs with no arguments.
 
-    python scripts/toy_world.py                                # defaults (configs/toy_decoder.yaml, configs/toy.yaml)
+    python scripts/toy_world.py                                # defaults (configs/toy_decoder.yaml, configs/toy_gen.yaml)
     python scripts/toy_world.py train.max_steps=3              # plain overrides go to both training runs
     python scripts/toy_world.py decoder.train.max_steps=50 gen.train.max_steps=100 --out outputs/toy2
 
@@ -62,6 +62,8 @@ def main(argv=None) -> int:
     p.add_argument("--num", type=int, default=20000, help="toy training samples to generate")
     p.add_argument("--samples-per-prompt", type=int, default=2)
     p.add_argument("--fresh", action="store_true", help="retrain even if outputs exist")
+    p.add_argument("--eval-limit", type=int, default=None, help="score only the first N evaluation prompts")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps of the DiT and the decoder")
     a = p.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "2")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -93,7 +95,7 @@ def main(argv=None) -> int:
                                            out / "decoder.log")
     model_dir = out / "model"
     if not (model_dir / "model.safetensors").is_file():
-        timings["generator_train_s"] = train("configs/toy.yaml", [
+        timings["generator_train_s"] = train("configs/toy_gen.yaml", [
             shards, f"data.eval_prompts={prompts}", f"train.output_dir={model_dir}", f"model.decoder_path={dec_dir}",
             *gen_ov], out / "generator.log")
 
@@ -107,10 +109,13 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     pipe = Blip3oPipeline.from_pretrained(model_dir, device="cpu")
-    rows = read_prompt_rows(str(prompts))
+    rows = read_prompt_rows(str(prompts))[: a.eval_limit]
     samples = out / "samples"
     shutil.rmtree(samples, ignore_errors=True)
-    generate_geneval(pipe, rows, str(samples), n_samples=a.samples_per_prompt, seed=0, batch_size=32)
+    if a.steps is not None and pipe.decoder is not None:
+        pipe.decoder.register_to_config(default_num_inference_steps=a.steps)  # its default when none is passed
+    generate_geneval(pipe, rows, str(samples), n_samples=a.samples_per_prompt, seed=0, batch_size=32,
+                     num_inference_steps=a.steps)
     timings["sample_s"] = time.time() - t
     t = time.time()
     score = score_dir(str(samples))

@@ -1,0 +1,25 @@
+"""`bash run.sh` with no IMG_FOLDER/OUTPUT_FOLDER/HF_HOME runs the toy-world default end to end; here
+with few-step overrides (the full default is a benchmark: benchmarks/toy_world.md)."""
+import json
+import os
+import subprocess
+
+from tests.conftest import ROOT, run_env
+
+
+def test_run_sh_toy_default_with_few_steps(tmp_path, toy_data):
+    env = run_env()
+    for k in ("IMG_FOLDER", "OUTPUT_FOLDER", "HF_HOME"):
+        env.pop(k, None)
+    out = tmp_path / "toy"
+    r = subprocess.run(["bash", str(ROOT / "run.sh"), "--out", str(out), "--data", str(toy_data),
+                        "train.max_steps=2", "train.per_device_train_batch_size=4", "data.num_workers=0",
+                        "--samples-per-prompt", "1", "--eval-limit", "4", "--steps", "2"],
+                       env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    score = json.loads((out / "score.json").read_text())
+    assert 0.0 <= score["overall"] <= 1.0 and score["images"] == 4
+    for f in ("grid.png", "loss.png", "timings.json"):
+        assert (out / f).is_file(), f
+    assert (out / "model" / "diffusion-decoder" / "model_index.json").is_file()
+    assert "toy score" in r.stdout
