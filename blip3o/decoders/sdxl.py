@@ -17,6 +17,7 @@ import os
 from typing import Any, Dict, Optional
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
@@ -81,6 +82,24 @@ OFFICIAL_SCHEDULER_CONFIG: Dict[str, Any] = dict(  # SDXL's EulerDiscreteSchedul
     steps_offset=1,
 )
 OFFICIAL_STEPS = 50  # Emu2 / BLIP3-o defaults: 50 Euler steps, guidance 3.0, 1024x1024
+
+
+def spatial_feature_channels(unet) -> int:
+    cfg = getattr(unet, "config", unet)
+    return int(cfg.in_channels) - int(cfg.out_channels)
+
+
+def concat_feature_map(latents: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """(B, c, h, w) latents ++ the (B, N, C) feature tokens as their sqrt(N) x sqrt(N) row-major map,
+    nearest-upsampled to (h, w). Cross-attention alone carries no token positions, so a decoder
+    conditioned only that way places objects wherever its noise puts them; the map gives it the layout."""
+    b, n, c = tokens.shape
+    g = int(round(n ** 0.5))
+    if g * g != n:
+        raise ValueError(f"spatial feature conditioning needs a square token grid, got {n} tokens")
+    fmap = tokens.transpose(1, 2).reshape(b, c, g, g).to(latents.dtype)
+    fmap = F.interpolate(fmap, size=latents.shape[-2:], mode="nearest")
+    return torch.cat([latents, fmap], dim=1)
 
 
 def tiny_unet_config(feature_dim: int, latent_size: int, latent_channels: int) -> Dict[str, Any]:
@@ -157,12 +176,19 @@ class SDXLFeatureDecoderPipeline(FeatureDecoderPipeline):
     def encode_condition(self, features: torch.Tensor) -> Dict[str, torch.Tensor]:
         return {"encoder_hidden_states": features, "text_embeds": features.mean(dim=1)}
 
+    @property
+    def spatial_features(self) -> bool:
+        """True when the UNet also reads the feature map concatenated to its input (in > out channels)."""
+        return spatial_feature_channels(self.unet) > 0
+
     @staticmethod
     def time_ids(batch: int, height: int, width: int, device, dtype) -> torch.Tensor:
         return torch.tensor([height, width, 0, 0, height, width], device=device, dtype=dtype).expand(batch, 6)
 
     def predict(self, latents, t, cond, height, width):
         time_ids = self.time_ids(latents.shape[0], height, width, latents.device, latents.dtype)
+        if self.spatial_features:
+            latents = concat_feature_map(latents, cond["encoder_hidden_states"])
         return self.unet(
             latents,
             t,
@@ -193,6 +219,7 @@ def build_sdxl_decoder(
     vae: str = "kl",
     prediction: Optional[str] = None,
     num_inference_steps: Optional[int] = None,
+    spatial_features: bool = False,
     unet_config: Optional[Dict[str, Any]] = None,
     vae_config: Optional[Dict[str, Any]] = None,
     scheduler_config: Optional[Dict[str, Any]] = None,
@@ -235,6 +262,8 @@ def build_sdxl_decoder(
         steps = 25
     else:
         raise ValueError(f"unknown sdxl preset '{preset}'; choose 'tiny' or 'official'")
+    if spatial_features:  # not the official (Emu2) layout: an option for small decoders (toy world)
+        u_cfg["in_channels"] = u_cfg["out_channels"] + u_cfg["cross_attention_dim"]
     u_cfg.update(unet_config or {})
     v_cfg.update(vae_config or {})
     s_cfg.update(scheduler_config or {})

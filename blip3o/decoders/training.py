@@ -123,6 +123,10 @@ def sdxl_training_loss(parts, images, features, generator=None, null_prob=0.1, f
     feats, drop = _prepare_features(features.to(device), _null_features(parts), generator, null_prob, feature_noise)
     height, width = images.shape[-2:]
     time_ids = torch.tensor([height, width, 0, 0, height, width], device=device, dtype=dtype).expand(batch, 6)
+    from blip3o.decoders.sdxl import concat_feature_map, spatial_feature_channels
+
+    if spatial_feature_channels(_unwrap(unet)) > 0:
+        x_t = concat_feature_map(x_t, feats)
     out = unet(
         x_t.to(dtype),
         t,
