@@ -1,9 +1,12 @@
 """The repo's real slurm.sh on a real single-node Slurm cluster on localhost (munged + slurmctld + slurmd from
 Debian packages, everything in a temp dir; recipe: /work/shared/SLURM_LOCALHOST.md, scripts in tests/slurm/).
 
-``sbatch --wait --ntasks=2 --cpus-per-task=1`` with ``NPROC_PER_NODE=1``: srun starts two torchrun agents that
-rendezvous over c10d like two nodes would, each with one trainer process (gloo). Skipped only when not root or
-the Slurm/munge binaries are missing (CI's .ci/run installs them). Selective run: ``pytest -m slurm``.
+``sbatch --wait --ntasks=2 --ntasks-per-node=2 --cpus-per-task=1`` with ``NPROC_PER_NODE=1``: srun starts two
+torchrun agents that rendezvous over c10d like two nodes would, each with one trainer process (gloo).
+(``--ntasks-per-node=2`` overrides slurm.sh's ``#SBATCH --ntasks-per-node=1``, which is right for real multi-node
+runs; without it Slurm rejects 2 tasks on the single node: "Requested node configuration is not available".)
+Skipped only when not root or the Slurm/munge binaries are missing (CI's .ci/run installs them). Selective run:
+``pytest -m slurm``.
 """
 import json
 import os
