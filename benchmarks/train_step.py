@@ -299,6 +299,9 @@ def main(argv=None):
           f"{_load():.1f} at the end: the cores are shared with other jobs, so absolute times are inflated and "
           f"separate runs differ by up to ~15%. Times: medians of {args.measure} steps after {args.warmup} "
           f"warm-up steps, wall clock, in ms. Total {time.time() - started:.0f} s.", "",
+          "Models: tiny / small = the `tiny` experiment preset (tiny frozen Qwen2.5-VL, tiny EVA-CLIP target, 64 "
+          "queries) with the tiny (dim 64, 2 layers) / small (dim 256, 4 layers) DiT preset; toy = configs/toy.yaml "
+          "at the time of the run.", "",
           "| model | batch | trainable / total params | bare fwd/bwd/AdamW, fixed batch | bare + data + target encode "
           "| entry point (CLI, 1 process) | trainer step (instrumented) | of which data + encode / fwd / bwd / opt "
           "| **framework overhead** | peak RSS bare / CLI | load |",
@@ -320,6 +323,16 @@ def main(argv=None):
             base.setdefault(key, r["samples_per_s"])
             md.append(f"| {r['model']} | {r['batch']} | {r['nproc']} | {ms(r['wall'])} | {r['samples_per_s']:.1f} | "
                       f"{r['samples_per_s'] / base[key]:.2f}x | {r['rss_mb']:.0f} MB | {r['load']:.1f} |")
+    md += ["", "Notes:", "",
+           "* framework overhead = trainer step minus the timed data / to_device / forward / backward / optimizer "
+           "calls inside the same steps (median), as a share of the timed work; it covers the non-finite check, "
+           "`loss.item()`, gradient clipping, the LR scheduler, EMA, logging every 10 steps and the progress bar.",
+           "* \"bare, fixed batch\" reuses one batch, whose padded prompt length is a single draw; fresh batches "
+           "vary, so this column can sit a little off the trend (it is the compute floor, not a like-for-like step).",
+           "* The CLI wall comes from the trainer's own samples/s (logging_steps=1), which leaves out writing the "
+           "log line; it is a separate process measured at a different moment than the bare loops, so it differs "
+           "from them by the machine's run-to-run noise as well as by real cost.",
+           "* Peak RSS is the largest process's maximum resident set (ru_maxrss), model + data + allocator caches."]
     text = "\n".join(md) + "\n"
     print(text)
     if args.markdown:
