@@ -37,6 +37,7 @@ TARGETS = ("eva_clip", "siglip", "vae")
 OBJECTIVES = ("flow", "mse")
 DECODERS = ("sdxl", "sana", "none")
 RECIPES = ("sequential", "joint")
+GENERATORS = ("blip3o", "transfusion", "lmfusion")  # blip3o: queries + DiT; the others: blip3o/models/fusion.py
 
 
 @dataclass
@@ -53,6 +54,9 @@ class ModelConfig:
     target: str = "eva_clip"
     target_path: Optional[str] = None  # None -> the registry's default for `target_preset`
     target_preset: str = "official"
+    # Overrides of the target preset's architecture (e.g. {pool: 4} for a 4x4 token grid); a tiny preset
+    # with overrides is materialised once per distinct set, so every stage that names them gets the same encoder.
+    target_kwargs: Dict[str, Any] = field(default_factory=dict)
     # Generator.
     objective: str = "flow"
     dit_preset: str = "official"
@@ -63,7 +67,14 @@ class ModelConfig:
     logit_std: float = 1.0
     time_shift: float = 1.0  # SD3-style shift of sigma; 1.0 = none (reference)
     target_norm: str = "none"  # none (reference) | channel: per-channel z-score with stats in the checkpoint
-    text_loss_weight: float = 0.0  # > 0 only for the joint recipe
+    text_loss_weight: float = 0.0  # > 0 only for the joint recipe (and transfusion's LM loss on captions)
+    # Fusion generators (generator=transfusion|lmfusion): the backbone itself denoises VAE latents
+    # (blip3o/models/fusion.py); recipe/num_queries/dit do not apply to them.
+    generator: str = "blip3o"
+    image_loss_weight: float = 1.0  # weight of the flow loss on the image block (fusion generators)
+    fusion_patch_size: int = 2  # p x p latent patches per image token (fusion generators)
+    lora_rank: int = 0  # transfusion: 0 = full fine-tune of the backbone, > 0 = peft LoRA adapters of this rank
+    lora_alpha: float = 16.0
     # Pixels.
     decoder: str = "sdxl"
     decoder_path: Optional[str] = None  # a decoder dir (diffusion-decoder/ layout); for train.task=decoder: init from it
@@ -108,6 +119,10 @@ class TrainConfig:
     output_dir: str = "outputs/run"
     seed: int = 42
     max_steps: int = 150_000
+    # Wall-clock budget in minutes of training (0 = none): the run stops after the first step past it, then
+    # checkpoints and saves its final model as at max_steps. Counted across resumes. Pair it with a constant
+    # LR schedule, since a decaying one is laid out over max_steps.
+    max_minutes: float = 0.0
     per_device_train_batch_size: int = 16
     gradient_accumulation_steps: int = 1
     learning_rate: float = 1e-4
@@ -166,6 +181,7 @@ PRESETS: Dict[str, Dict[str, Dict[str, Any]]] = {
 CHOICES = {
     ("model", "backbone"): BACKBONES, ("model", "target"): TARGETS, ("model", "objective"): OBJECTIVES,
     ("model", "decoder"): DECODERS, ("model", "decoder_preset"): ("tiny", "official"), ("model", "recipe"): RECIPES,
+    ("model", "generator"): GENERATORS,
     ("model", "time_sampling"): ("uniform", "logit_normal"), ("model", "target_norm"): ("none", "channel"),
     ("model", "target_preset"): ("official", "tiny"), ("model", "dit_preset"): ("official", "tiny", "small"),
     ("data", "use_cache"): ("auto", "true", "false"), ("data", "json_loader"): ("auto", "json", "datasets"),
@@ -333,14 +349,36 @@ def validate(cfg: ExperimentConfig) -> None:
         raise ConfigError(f"model.num_queries: must be >= 1, got {m.num_queries}")
     if not 0.0 <= m.cfg_dropout < 1.0:
         raise ConfigError(f"model.cfg_dropout: must be in [0, 1), got {m.cfg_dropout}")
-    if m.recipe == "joint" and m.text_loss_weight <= 0:
+    if m.generator != "blip3o":
+        _validate_fusion(m)
+    elif m.recipe == "joint" and m.text_loss_weight <= 0:
         raise ConfigError("model.text_loss_weight: the joint recipe needs a positive text loss weight")
+    if t.max_minutes < 0:
+        raise ConfigError(f"train.max_minutes: must be >= 0 (0 = no time limit), got {t.max_minutes}")
     if t.learning_rate <= 0:
         raise ConfigError(f"train.learning_rate: must be > 0, got {t.learning_rate}")
     if t.per_device_train_batch_size < 1:
         raise ConfigError(f"train.per_device_train_batch_size: must be >= 1, got {t.per_device_train_batch_size}")
     if m.max_length <= m.num_queries + 16:
         raise ConfigError(f"model.max_length: {m.max_length} leaves no room for the prompt next to {m.num_queries} queries")
+
+
+def _validate_fusion(m: ModelConfig) -> None:
+    g = m.generator
+    if m.target != "vae":
+        raise ConfigError(f"model.target: the {g} generator denoises VAE latents; set model.target=vae, got '{m.target}'")
+    if m.objective != "flow":
+        raise ConfigError(f"model.objective: the {g} generator is trained by flow matching; set model.objective=flow")
+    if m.fusion_patch_size < 1:
+        raise ConfigError(f"model.fusion_patch_size: must be >= 1, got {m.fusion_patch_size}")
+    if m.lora_rank < 0:
+        raise ConfigError(f"model.lora_rank: must be >= 0, got {m.lora_rank}")
+    if g == "lmfusion" and m.lora_rank > 0:
+        raise ConfigError("model.lora_rank: lmfusion trains a full image expert and keeps the text weights frozen; set 0")
+    if g == "lmfusion" and m.text_loss_weight > 0:
+        raise ConfigError("model.text_loss_weight: lmfusion keeps the text weights frozen, so a text loss trains nothing; set 0")
+    if m.image_loss_weight <= 0:
+        raise ConfigError(f"model.image_loss_weight: must be > 0, got {m.image_loss_weight}")
 
 
 def config_from_dict(d: Dict[str, Any]) -> ExperimentConfig:

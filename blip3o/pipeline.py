@@ -51,7 +51,7 @@ class Blip3oPipeline:
     @classmethod
     def from_pretrained(cls, path: Union[str, os.PathLike], device: Union[str, torch.device, None] = None,
                         dtype=None, decoder_path: Optional[str] = None, load_decoder: bool = True):
-        from blip3o.models.blip3o import Blip3oForConditionalGeneration
+        from blip3o.models.fusion import load_generation_model
 
         path = Path(path)
         if not path.is_dir():
@@ -60,7 +60,7 @@ class Blip3oPipeline:
             raise FileNotFoundError(f"{path} has no config.json: not a model directory")
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = _dtype(dtype)
-        model = Blip3oForConditionalGeneration.from_pretrained(str(path))
+        model = load_generation_model(path)  # BLIP3-o (ours or official layout) or transfusion / lmfusion
         if dtype is not None:
             model.to(dtype)
         model.to(device).eval()

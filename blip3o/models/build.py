@@ -20,9 +20,14 @@ def resolve_target_path(cfg: ModelConfig) -> str:
     from blip3o.models import targets
 
     if cfg.target_path:
+        if cfg.target_kwargs:
+            raise ValueError("model.target_kwargs: applies to building a tiny target preset, not to model.target_path "
+                             f"'{cfg.target_path}' (whose architecture comes from its own config)")
         return cfg.target_path
     if cfg.target_preset == "tiny":
-        return materialize("target", cfg.target, lambda p, s: targets.make_tiny_target(cfg.target, p, seed=s))
+        kw = dict(cfg.target_kwargs)
+        name = cfg.target + "".join(f"-{k}{v}" for k, v in sorted(kw.items()))
+        return materialize("target", name, lambda p, s: targets.make_tiny_target(cfg.target, p, seed=s, **kw))
     raise ValueError(f"model.target_path: set a local directory with the {cfg.target} encoder weights "
                      f"(official presets cannot be downloaded here)")
 
@@ -71,6 +76,10 @@ def build_model(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> Tuple[B
 
     if cfg.init_from:
         return _from_saved(cfg)
+    if cfg.generator != "blip3o":  # transfusion / lmfusion: the backbone itself denoises latents
+        from blip3o.models.fusion import build_fusion_model
+
+        return build_fusion_model(cfg, dtype)
     adapter = get_backbone(cfg.backbone)
     bpath = resolve_backbone_path(cfg.backbone, cfg.backbone_path)
     check_local_or_allowed(bpath, "model.backbone_path")
@@ -114,6 +123,14 @@ def _from_saved(cfg: ModelConfig):
 
     if not os.path.isdir(cfg.init_from):
         raise FileNotFoundError(f"model.init_from: '{cfg.init_from}' is not a directory")
+    from blip3o.models.fusion import Blip3oFusionForConditionalGeneration, is_fusion_checkpoint
+
+    if is_fusion_checkpoint(cfg.init_from):  # continue a transfusion / lmfusion model
+        model = Blip3oFusionForConditionalGeneration.from_pretrained(cfg.init_from)
+        model.config.cfg_dropout = cfg.cfg_dropout
+        if model._target_encoder is None:
+            model.target_encoder  # noqa: B018  (loads from the saved target_path)
+        return model, model.tokenizer
     model = Blip3oForConditionalGeneration.from_pretrained(cfg.init_from)
     model.config.recipe = cfg.recipe
     model.config.cfg_dropout = cfg.cfg_dropout

@@ -104,7 +104,9 @@ class T2ITask:
         return build_train_dataloader(
             c.data, self.tokenizer, image_transform=self.target.transform, rank=rank, world_size=world_size,
             seed=seed, batch_size=c.train.per_device_train_batch_size, num_workers=c.data.num_workers,
-            template=get_template(self.model.config.chat_template), num_queries=c.model.num_queries,
+            template=get_template(self.model.config.chat_template),
+            # slots after the prompt: the queries, or a fusion model's image block (+ [/IMG])
+            num_queries=getattr(self.model, "prompt_reserve", c.model.num_queries),
             max_length=c.model.max_length, target_signature=self.target.signature())
 
     def to_device(self, batch, device):
@@ -135,6 +137,8 @@ class T2ITask:
 
     def flops_per_sample(self) -> Dict[str, float]:
         m = self.model
+        if hasattr(m, "flops_per_sample"):  # fusion generators count their own
+            return m.flops_per_sample()
         dit = sum(p.numel() for p in m.dit.parameters())
         tokens = m.config.target_grid[0] * m.config.target_grid[1] // (m.dit.cfg.patch_size ** 2)
         emb = m.backbone.get_input_embeddings().weight.numel()
