@@ -23,16 +23,35 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def train(config: str, overrides, log: Path) -> float:
-    t = time.time()
+def start(config: str, overrides, log: Path, threads: int):
+    """Launch one training stage as its own process (its stdout/stderr go to `log`)."""
     cmd = [sys.executable, "-m", "blip3o.train", str(ROOT / config), *overrides]
     print("$", " ".join(cmd[1:]), flush=True)
-    with open(log, "w") as f:
-        r = subprocess.run(cmd, cwd=ROOT, stderr=subprocess.STDOUT, stdout=f)
-    if r.returncode != 0:
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    return subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.STDOUT, stdout=open(log, "w"), env=env), time.time()
+
+
+def wait(proc, started: float, log: Path) -> float:
+    if proc.wait() != 0:
         tail = log.read_text()[-3000:]
         raise SystemExit(f"training failed (see {log}):\n{tail}")
-    return time.time() - t
+    return time.time() - started
+
+
+def train(config: str, overrides, log: Path, threads: int = 1) -> float:
+    return wait(*start(config, overrides, log, threads), log)
+
+
+def attach_decoder(model_dir: Path, dec_dir: Path) -> None:
+    """Copy the decoder into the model folder as diffusion-decoder/ (what save_final does when the generator
+    is trained with model.decoder_path), so the model dir is self-contained."""
+    dst = model_dir / "diffusion-decoder"
+    shutil.rmtree(dst, ignore_errors=True)
+    shutil.copytree(dec_dir, dst)
+    cfg_path = model_dir / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["decoder_path"] = "diffusion-decoder"
+    cfg_path.write_text(json.dumps(cfg, indent=2))
 
 
 def loss_plot(runs, path: Path) -> None:
@@ -64,6 +83,8 @@ def main(argv=None) -> int:
     p.add_argument("--fresh", action="store_true", help="retrain even if outputs exist")
     p.add_argument("--eval-limit", type=int, default=None, help="score only the first N evaluation prompts")
     p.add_argument("--steps", type=int, default=None, help="sampling steps of the DiT and the decoder")
+    p.add_argument("--sequential", action="store_true",
+                   help="train the decoder, then the generator (default: side by side when there are 2+ cores)")
     a = p.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "2")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -89,15 +110,35 @@ def main(argv=None) -> int:
     shards = f"data.train_shards={data / 'train'}"
     prompts = data / "eval" / "prompts.jsonl"
 
-    dec_dir = out / "decoder"
+    # The decoder learns from the target encoder's features of real images and the generator from the
+    # captions, so neither needs the other: on 2+ cores they train side by side, one thread each (small
+    # tensors scale poorly across threads, so two 1-thread processes beat two 2-thread stages in a row).
+    dec_dir, model_dir = out / "decoder", out / "model"
+    parallel = not a.sequential and (os.cpu_count() or 1) >= 2
+    threads = 1 if parallel else int(os.environ["OMP_NUM_THREADS"])
+    jobs = []
     if not (dec_dir / "model_index.json").is_file():
-        timings["decoder_train_s"] = train("configs/toy_decoder.yaml", [shards, f"train.output_dir={dec_dir}", *dec_ov],
-                                           out / "decoder.log")
-    model_dir = out / "model"
+        jobs.append(("decoder_train_s", "configs/toy_decoder.yaml",
+                     [shards, f"train.output_dir={dec_dir}", *dec_ov], out / "decoder.log"))
     if not (model_dir / "model.safetensors").is_file():
-        timings["generator_train_s"] = train("configs/toy_gen.yaml", [
-            shards, f"data.eval_prompts={prompts}", f"train.output_dir={model_dir}", f"model.decoder_path={dec_dir}",
-            *gen_ov], out / "generator.log")
+        jobs.append(("generator_train_s", "configs/toy_gen.yaml",
+                     [shards, f"data.eval_prompts={prompts}", f"train.output_dir={model_dir}", *gen_ov],
+                     out / "generator.log"))
+    if parallel:
+        running = [(key, log, *start(cfg, ov, log, threads)) for key, cfg, ov, log in jobs]
+        try:
+            for key, log, proc, started in running:
+                timings[key] = wait(proc, started, log)
+        finally:  # one stage failed (or Ctrl-C): do not leave the other training behind
+            for _, _, proc, _ in running:
+                if proc.poll() is None:
+                    proc.terminate()
+    else:
+        for key, cfg, ov, log in jobs:
+            timings[key] = train(cfg, ov, log, threads)
+    if jobs:
+        attach_decoder(model_dir, dec_dir)
+    timings["train_wall_s"] = time.time() - t0 - timings.get("data_s", 0.0)
 
     t = time.time()
     import torch

@@ -121,3 +121,24 @@ def test_bad_config_and_paths_fail_with_one_line(toy_data, tmp_path, override, m
     assert r.returncode != 0
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("error:") and message in last, r.stderr[-2000:]
+
+
+def test_max_minutes_stops_saves_and_counts_across_resume(toy_data, tmp_path):
+    out = tmp_path / "timed"
+    # ~0.1 s of training budget: the run stops after its first step or so, far before max_steps
+    r = run(train_cmd(toy_data, out, "train.max_minutes=0.002", "train.save_steps=1000", steps=400))
+    assert r.returncode == 0, r.stderr[-2000:]
+    (ck,) = list(out.glob("checkpoint-*"))
+    state = json.loads((ck / "trainer_state.json").read_text())
+    assert 1 <= state["step"] < 400 and state["train_seconds"] >= 0.12
+    assert (out / "model.safetensors").is_file() and "max_minutes" in r.stderr
+    # resuming with the budget already spent: no further steps, the same checkpoint
+    r = run(train_cmd(toy_data, out, "train.max_minutes=0.002", "train.save_steps=1000",
+                      "train.resume_from_checkpoint=latest", steps=400))
+    assert r.returncode == 0, r.stderr[-2000:]
+    state2 = json.loads((sorted(out.glob("checkpoint-*"))[-1] / "trainer_state.json").read_text())
+    assert state2["step"] == state["step"] and "already spent" in r.stderr
+    with pytest.raises(Exception, match="max_minutes"):
+        from blip3o.config import load_config
+
+        load_config(ROOT / "configs" / "toy.yaml", ["train.max_minutes=-1"])

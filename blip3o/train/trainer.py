@@ -110,6 +110,7 @@ class Trainer:
         if not self.named_trainable:
             raise RuntimeError("nothing to train: no parameter requires grad")
         self.step = 0
+        self.train_seconds = 0.0  # time spent in training steps, carried across resumes (train.max_minutes)
         self.skipped_nonfinite = 0
         self.consecutive_nonfinite = 0
         self._stop_signal = None
@@ -209,6 +210,7 @@ class Trainer:
             torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
             ckpt.write_json(tmp / "trainer_state.json", {
                 "step": self.step, "skipped_nonfinite": self.skipped_nonfinite, "world_size": self.dist.world_size,
+                "train_seconds": round(self.train_seconds, 3),
                 "config": self.cfg.to_dict()})
         torch.save({"rng": ckpt.rng_state(), "data": self.loader.state_dict()}, tmp / f"rank{self.dist.rank}.pt")
         barrier()
@@ -242,6 +244,7 @@ class Trainer:
         self.loader.load_state_dict(rank_state["data"])
         self.step = state["step"]
         self.skipped_nonfinite = state.get("skipped_nonfinite", 0)
+        self.train_seconds = float(state.get("train_seconds", 0.0))
         logger.info("resumed from %s at step %d", path, self.step)
 
     # -- logging ------------------------------------------------------------------------------------
@@ -296,7 +299,10 @@ class Trainer:
         window_t, window_samples = time.perf_counter(), 0
         last = {}
         self.model.train()
-        while self.step < t.max_steps:
+        budget_s = 60.0 * t.max_minutes
+        if budget_s and self.train_seconds >= budget_s:  # resumed a run whose time budget is already spent
+            logger.info("train.max_minutes=%g already spent at step %d: finishing", t.max_minutes, self.step)
+        while self.step < t.max_steps and not (budget_s and self.train_seconds >= budget_s):
             step_start = time.perf_counter()
             loss_sum, parts_sum, finite = 0.0, {}, True
             accum = t.gradient_accumulation_steps
@@ -352,6 +358,7 @@ class Trainer:
             self.step += 1
             bar.update(1)
             step_time = time.perf_counter() - step_start
+            self.train_seconds += step_time
             if self.step % t.logging_steps == 0 or self.step == t.max_steps:
                 elapsed = time.perf_counter() - window_t
                 sps = window_samples / max(elapsed, 1e-9)
@@ -371,8 +378,13 @@ class Trainer:
             if t.sample_steps and self.step % t.sample_steps == 0 and self.dist.is_main:
                 self.task.sample(self.out / "samples" / f"step-{self.step:07d}.png", self.ema)
             stop = all_reduce_max(1.0 if self._stop_signal is not None else 0.0)
-            if (t.save_steps and self.step % t.save_steps == 0) or stop:
+            # every rank must stop at the same step, or the next collective would hang
+            out_of_time = bool(budget_s) and all_reduce_max(1.0 if self.train_seconds >= budget_s else 0.0) > 0
+            if (t.save_steps and self.step % t.save_steps == 0) or stop or out_of_time:
                 self.save_checkpoint()
+            if out_of_time:
+                logger.info("train.max_minutes=%g reached at step %d: finishing", t.max_minutes, self.step)
+                break
             if stop:
                 logger.warning("received signal %s: checkpoint saved at step %d, exiting", self._stop_signal, self.step)
                 return {"stopped_by_signal": True, "step": self.step}
