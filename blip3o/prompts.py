@@ -162,3 +162,17 @@ def encode_edit_prompts(
             raise ValueError(f"edit prompt of {len(ids)} tokens + {num_queries} queries exceeds max_length={max_length}")
         seqs.append(ids)
     return left_pad(seqs, tokenizer.pad_token_id)
+
+
+def tokenize_for_generation(tokenizer, prompts, template_name: str, max_length: int, num_slots: int):
+    """Validated user prompts -> the generation batch (a model's ``tokenize_prompts``): ``num_slots`` is what
+    follows the prompt (BLIP3-o's queries, or a fusion model's image block)."""
+    if tokenizer is None:
+        raise ValueError("pass tokenizer= or load the model with from_pretrained from a directory with tokenizer files")
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    for p in prompts:
+        if not isinstance(p, str) or not p.strip():
+            raise ValueError("prompts must be non-empty strings")
+    return encode_generation_prompts(tokenizer, list(prompts), get_template(template_name), max_length=max_length,
+                                     num_queries=num_slots)

@@ -31,7 +31,7 @@ from transformers.utils import ModelOutput
 
 from blip3o.models.backbone import get_backbone
 from blip3o.objectives import build_objective
-from blip3o.prompts import IMG_START_TOKEN, encode_generation_prompts, get_template
+from blip3o.prompts import IMG_START_TOKEN, tokenize_for_generation
 
 logger = logging.getLogger(__name__)
 
@@ -106,7 +106,79 @@ class Blip3oOutput(ModelOutput):
     parts: Optional[Dict[str, torch.Tensor]] = None
 
 
-class Blip3oForConditionalGeneration(PreTrainedModel):
+class GeneratorModelMixin:
+    """What every generator model (BLIP3-o, transfusion, lmfusion) shares: the frozen target encoder kept
+    outside the state dict, target normalisation buffers (``target_mean``/``target_std``), and a
+    self-contained save directory (weights + tokenizer + image processor + target_encoder/)."""
+
+    @property
+    def target_encoder(self):
+        """The frozen target encoder, loaded on first use from ``config.target_path`` (relative paths
+        are resolved against the directory the model was loaded from)."""
+        if self._target_encoder is None:
+            from blip3o.models.targets import load_target_encoder
+
+            path = self.config.target_path
+            if path is None:
+                raise RuntimeError("this model has no target encoder attached and config.target_path is empty")
+            if self._source_dir and not os.path.isabs(path) and (Path(self._source_dir) / path).is_dir():
+                path = str(Path(self._source_dir) / path)
+            self.attach_target_encoder(load_target_encoder(path).to(self.device))
+        return self._target_encoder
+
+    def attach_target_encoder(self, encoder) -> None:
+        # Kept out of nn.Module's registry on purpose: the frozen encoder is a separate component
+        # (saved in target_encoder/), not part of this model's state dict or optimizer.
+        self.__dict__["_target_encoder"] = encoder
+
+    def normalize_target(self, x0: torch.Tensor) -> torch.Tensor:
+        if self.config.target_norm == "none":
+            return x0
+        shape = (1, -1) + (1,) * (x0.dim() - 2)
+        return (x0 - self.target_mean.view(shape)) / self.target_std.view(shape)
+
+    def denormalize_target(self, x: torch.Tensor) -> torch.Tensor:
+        if self.config.target_norm == "none":
+            return x
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        return x * self.target_std.view(shape) + self.target_mean.view(shape)
+
+    @torch.no_grad()
+    def init_target_stats(self, x0: torch.Tensor) -> None:
+        """Per-channel mean/std from a batch of raw targets (used with target_norm='channel')."""
+        dims = [0] + list(range(2, x0.dim()))
+        self.target_mean.copy_(x0.float().mean(dims))
+        self.target_std.copy_(x0.float().std(dims).clamp_min(1e-6))
+
+    def save_pretrained(self, save_directory, save_target_encoder: bool = True, **kwargs):
+        save_directory = Path(save_directory)
+        save_directory.mkdir(parents=True, exist_ok=True)
+        if save_target_encoder and self._target_encoder is not None:
+            self._target_encoder.save_pretrained(str(save_directory / "target_encoder"))
+            self.config.target_path = "target_encoder"
+        super().save_pretrained(str(save_directory), **kwargs)
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(str(save_directory))
+        if self.image_processor is not None:
+            self.image_processor.save_pretrained(str(save_directory))
+
+    def _load_side_files(self, path: str) -> None:
+        """After from_pretrained: remember the source dir (relative target paths), re-apply the recipe,
+        load the tokenizer (left padding) and image processor saved beside the weights."""
+        self._source_dir = path if os.path.isdir(path) else None
+        self.apply_recipe()
+        if self._source_dir and (Path(path) / "tokenizer_config.json").is_file():
+            from transformers import AutoTokenizer
+
+            self.tokenizer = AutoTokenizer.from_pretrained(path)
+            self.tokenizer.padding_side = "left"
+        if self._source_dir and (Path(path) / "preprocessor_config.json").is_file():
+            from transformers import AutoImageProcessor
+
+            self.image_processor = AutoImageProcessor.from_pretrained(path)
+
+
+class Blip3oForConditionalGeneration(GeneratorModelMixin, PreTrainedModel):
     config_class = Blip3oConfig
     base_model_prefix = "blip3o"
     supports_gradient_checkpointing = True
@@ -164,46 +236,6 @@ class Blip3oForConditionalGeneration(PreTrainedModel):
             self.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         else:
             self.backbone.gradient_checkpointing_disable()
-
-    # -- target side ---------------------------------------------------------------------------
-    @property
-    def target_encoder(self):
-        """The frozen target encoder, loaded on first use from ``config.target_path`` (relative paths
-        are resolved against the directory the model was loaded from)."""
-        if self._target_encoder is None:
-            from blip3o.models.targets import load_target_encoder
-
-            path = self.config.target_path
-            if path is None:
-                raise RuntimeError("this model has no target encoder attached and config.target_path is empty")
-            if self._source_dir and not os.path.isabs(path) and (Path(self._source_dir) / path).is_dir():
-                path = str(Path(self._source_dir) / path)
-            self.attach_target_encoder(load_target_encoder(path).to(self.device))
-        return self._target_encoder
-
-    def attach_target_encoder(self, encoder) -> None:
-        # Kept out of nn.Module's registry on purpose: the frozen encoder is a separate component
-        # (saved in target_encoder/), not part of this model's state dict or optimizer.
-        self.__dict__["_target_encoder"] = encoder
-
-    def normalize_target(self, x0: torch.Tensor) -> torch.Tensor:
-        if self.config.target_norm == "none":
-            return x0
-        shape = (1, -1) + (1,) * (x0.dim() - 2)
-        return (x0 - self.target_mean.view(shape)) / self.target_std.view(shape)
-
-    def denormalize_target(self, x: torch.Tensor) -> torch.Tensor:
-        if self.config.target_norm == "none":
-            return x
-        shape = (1, -1) + (1,) * (x.dim() - 2)
-        return x * self.target_std.view(shape) + self.target_mean.view(shape)
-
-    @torch.no_grad()
-    def init_target_stats(self, x0: torch.Tensor) -> None:
-        """Per-channel mean/std from a batch of raw targets (used with target_norm='channel')."""
-        dims = [0] + list(range(2, x0.dim()))
-        self.target_mean.copy_(x0.float().mean(dims))
-        self.target_std.copy_(x0.float().std(dims).clamp_min(1e-6))
 
     # -- conditioning ----------------------------------------------------------------------------
     def encode_condition(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -285,16 +317,8 @@ class Blip3oForConditionalGeneration(PreTrainedModel):
 
     # -- generation -----------------------------------------------------------------------------
     def tokenize_prompts(self, prompts: Sequence[str], tokenizer=None) -> Dict[str, torch.Tensor]:
-        tokenizer = tokenizer or self.tokenizer
-        if tokenizer is None:
-            raise ValueError("pass tokenizer= or load the model with from_pretrained from a directory with tokenizer files")
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        for p in prompts:
-            if not isinstance(p, str) or not p.strip():
-                raise ValueError("prompts must be non-empty strings")
-        return encode_generation_prompts(tokenizer, list(prompts), get_template(self.config.chat_template),
-                                         max_length=self.config.max_prompt_length, num_queries=self.config.num_queries)
+        return tokenize_for_generation(tokenizer or self.tokenizer, prompts, self.config.chat_template,
+                                       self.config.max_prompt_length, self.config.num_queries)
 
     @torch.no_grad()
     def generate_features(
@@ -341,19 +365,6 @@ class Blip3oForConditionalGeneration(PreTrainedModel):
         return answer(self, images, questions, processor=processor, max_new_tokens=max_new_tokens,
                       do_sample=do_sample)
 
-    # -- persistence ------------------------------------------------------------------------------
-    def save_pretrained(self, save_directory, save_target_encoder: bool = True, **kwargs):
-        save_directory = Path(save_directory)
-        save_directory.mkdir(parents=True, exist_ok=True)
-        if save_target_encoder and self._target_encoder is not None:
-            self._target_encoder.save_pretrained(str(save_directory / "target_encoder"))
-            self.config.target_path = "target_encoder"
-        super().save_pretrained(str(save_directory), **kwargs)
-        if self.tokenizer is not None:
-            self.tokenizer.save_pretrained(str(save_directory))
-        if self.image_processor is not None:
-            self.image_processor.save_pretrained(str(save_directory))
-
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         path = str(pretrained_model_name_or_path)
@@ -367,17 +378,7 @@ class Blip3oForConditionalGeneration(PreTrainedModel):
         elif not os.path.isdir(path) and os.environ.get("HF_HUB_OFFLINE") == "1":
             raise FileNotFoundError(f"model directory '{path}' not found (and HF_HUB_OFFLINE=1 forbids the hub)")
         model = super().from_pretrained(path, *args, **kwargs)
-        model._source_dir = path if os.path.isdir(path) else None
-        model.apply_recipe()
-        if model._source_dir and (Path(path) / "tokenizer_config.json").is_file():
-            from transformers import AutoTokenizer
-
-            model.tokenizer = AutoTokenizer.from_pretrained(path)
-            model.tokenizer.padding_side = "left"
-        if model._source_dir and (Path(path) / "preprocessor_config.json").is_file():
-            from transformers import AutoImageProcessor
-
-            model.image_processor = AutoImageProcessor.from_pretrained(path)
+        model._load_side_files(path)
         return model
 
 

@@ -71,15 +71,11 @@ def embed_new_tokens_as_mean(backbone, tokenizer, new_ids) -> None:
                 emb.weight[i] = mean
 
 
-def build_model(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> Tuple[Blip3oForConditionalGeneration, object]:
+def load_backbone(cfg: ModelConfig, dtype: torch.dtype = torch.float32):
+    """(adapter, resolved path, backbone, tokenizer) with our special tokens added (left padding) and their
+    new embedding rows set to the mean of the old ones."""
     from transformers import AutoTokenizer
 
-    if cfg.init_from:
-        return _from_saved(cfg)
-    if cfg.generator != "blip3o":  # transfusion / lmfusion: the backbone itself denoises latents
-        from blip3o.models.fusion import build_fusion_model
-
-        return build_fusion_model(cfg, dtype)
     adapter = get_backbone(cfg.backbone)
     bpath = resolve_backbone_path(cfg.backbone, cfg.backbone_path)
     check_local_or_allowed(bpath, "model.backbone_path")
@@ -89,6 +85,24 @@ def build_model(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> Tuple[B
     tokenizer.padding_side = "left"
     backbone = adapter.from_pretrained(bpath, dtype=dtype, attn_implementation=cfg.attn_implementation)
     embed_new_tokens_as_mean(backbone, tokenizer, [i for t, i in ids.items() if t not in had])
+    return adapter, bpath, backbone, tokenizer
+
+
+def attach_image_processor(model, bpath: str) -> None:
+    if os.path.isfile(os.path.join(bpath, "preprocessor_config.json")):
+        from transformers import AutoImageProcessor
+
+        model.image_processor = AutoImageProcessor.from_pretrained(bpath)
+
+
+def build_model(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> Tuple[Blip3oForConditionalGeneration, object]:
+    if cfg.init_from:
+        return _from_saved(cfg)
+    if cfg.generator != "blip3o":  # transfusion / lmfusion: the backbone itself denoises latents
+        from blip3o.models.fusion import build_fusion_model
+
+        return build_fusion_model(cfg, dtype)
+    adapter, bpath, backbone, tokenizer = load_backbone(cfg, dtype)
     hidden = adapter.hidden_size(backbone)
 
     target = load_target(cfg)
@@ -108,10 +122,7 @@ def build_model(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> Tuple[B
     )
     model = Blip3oForConditionalGeneration(config, backbone=backbone)
     model.tokenizer = tokenizer
-    if os.path.isfile(os.path.join(bpath, "preprocessor_config.json")):
-        from transformers import AutoImageProcessor
-
-        model.image_processor = AutoImageProcessor.from_pretrained(bpath)
+    attach_image_processor(model, bpath)
     model.attach_target_encoder(target)
     return model, tokenizer
 

@@ -51,8 +51,9 @@ from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedMode
 from transformers.utils import ModelOutput
 
 from blip3o.models.backbone import get_backbone
+from blip3o.models.blip3o import GeneratorModelMixin
 from blip3o.objectives import build_objective
-from blip3o.prompts import encode_generation_prompts, get_template, left_pad
+from blip3o.prompts import encode_generation_prompts, get_template, left_pad, tokenize_for_generation
 
 FUSION_GENERATORS = ("transfusion", "lmfusion")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -219,7 +220,7 @@ class _PrefixCache:
         self.kv, self.valid, self.next_pos = kv, valid, next_pos
 
 
-class Blip3oFusionForConditionalGeneration(PreTrainedModel):
+class Blip3oFusionForConditionalGeneration(GeneratorModelMixin, PreTrainedModel):
     config_class = FusionConfig
     base_model_prefix = "fusion"
     main_input_name = "input_ids"
@@ -327,38 +328,6 @@ class Blip3oFusionForConditionalGeneration(PreTrainedModel):
         if self.config.lora_rank > 0:
             return {"trainable": 6.0 * new, "frozen": 4.0 * layers * seq}
         return {"trainable": 6.0 * (layers * seq + new), "frozen": 0.0}
-
-    # -- target side (as Blip3oForConditionalGeneration) ----------------------------------------------
-    @property
-    def target_encoder(self):
-        if self._target_encoder is None:
-            from blip3o.models.targets import load_target_encoder
-
-            path = self.config.target_path
-            if path is None:
-                raise RuntimeError("this model has no target encoder attached and config.target_path is empty")
-            if self._source_dir and not os.path.isabs(path) and (Path(self._source_dir) / path).is_dir():
-                path = str(Path(self._source_dir) / path)
-            self.attach_target_encoder(load_target_encoder(path).to(self.device))
-        return self._target_encoder
-
-    def attach_target_encoder(self, encoder) -> None:
-        self.__dict__["_target_encoder"] = encoder  # a separate frozen component, not in the state dict
-
-    def normalize_target(self, x0: torch.Tensor) -> torch.Tensor:
-        if self.config.target_norm == "none":
-            return x0
-        return (x0 - self.target_mean.view(1, -1, 1, 1)) / self.target_std.view(1, -1, 1, 1)
-
-    def denormalize_target(self, x: torch.Tensor) -> torch.Tensor:
-        if self.config.target_norm == "none":
-            return x
-        return x * self.target_std.view(1, -1, 1, 1) + self.target_mean.view(1, -1, 1, 1)
-
-    @torch.no_grad()
-    def init_target_stats(self, x0: torch.Tensor) -> None:
-        self.target_mean.copy_(x0.float().mean((0, 2, 3)))
-        self.target_std.copy_(x0.float().std((0, 2, 3)).clamp_min(1e-6))
 
     # -- the transformer -------------------------------------------------------------------------------
     def _image_layer(self, i: int) -> nn.Module:
@@ -534,17 +503,8 @@ class Blip3oFusionForConditionalGeneration(PreTrainedModel):
 
     # -- generation -----------------------------------------------------------------------------
     def tokenize_prompts(self, prompts: Sequence[str], tokenizer=None) -> Dict[str, torch.Tensor]:
-        tokenizer = tokenizer or self.tokenizer
-        if tokenizer is None:
-            raise ValueError("pass tokenizer= or load the model with from_pretrained from a directory with tokenizer files")
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        for p in prompts:
-            if not isinstance(p, str) or not p.strip():
-                raise ValueError("prompts must be non-empty strings")
-        return encode_generation_prompts(tokenizer, list(prompts), get_template(self.config.chat_template),
-                                         max_length=self.config.max_prompt_length,
-                                         num_queries=self.prompt_reserve)
+        return tokenize_for_generation(tokenizer or self.tokenizer, prompts, self.config.chat_template,
+                                       self.config.max_prompt_length, self.prompt_reserve)
 
     @torch.no_grad()
     def generate_features(
@@ -601,36 +561,13 @@ class Blip3oFusionForConditionalGeneration(PreTrainedModel):
         new = out[:, enc["input_ids"].shape[1]:]
         return [t.strip() for t in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
 
-    # -- persistence ------------------------------------------------------------------------------
-    def save_pretrained(self, save_directory, save_target_encoder: bool = True, **kwargs):
-        save_directory = Path(save_directory)
-        save_directory.mkdir(parents=True, exist_ok=True)
-        if save_target_encoder and self._target_encoder is not None:
-            self._target_encoder.save_pretrained(str(save_directory / "target_encoder"))
-            self.config.target_path = "target_encoder"
-        super().save_pretrained(str(save_directory), **kwargs)
-        if self.tokenizer is not None:
-            self.tokenizer.save_pretrained(str(save_directory))
-        if self.image_processor is not None:
-            self.image_processor.save_pretrained(str(save_directory))
-
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         path = str(pretrained_model_name_or_path)
         if not os.path.isdir(path) and os.environ.get("HF_HUB_OFFLINE") == "1":
             raise FileNotFoundError(f"model directory '{path}' not found (and HF_HUB_OFFLINE=1 forbids the hub)")
         model = super().from_pretrained(path, *args, **kwargs)
-        model._source_dir = path if os.path.isdir(path) else None
-        model.apply_recipe()
-        if model._source_dir and (Path(path) / "tokenizer_config.json").is_file():
-            from transformers import AutoTokenizer
-
-            model.tokenizer = AutoTokenizer.from_pretrained(path)
-            model.tokenizer.padding_side = "left"
-        if model._source_dir and (Path(path) / "preprocessor_config.json").is_file():
-            from transformers import AutoImageProcessor
-
-            model.image_processor = AutoImageProcessor.from_pretrained(path)
+        model._load_side_files(path)
         return model
 
 
@@ -658,21 +595,10 @@ def load_generation_model(path: Union[str, os.PathLike]):
 def build_fusion_model(cfg, dtype: torch.dtype = torch.float32):
     """A fresh transfusion / lmfusion model from a ModelConfig: pretrained backbone + VAE target + new
     projections (and, for lmfusion, the image expert copied from the text weights)."""
-    from transformers import AutoTokenizer
+    from blip3o.models.build import attach_image_processor, load_backbone, load_target, resolve_target_path
+    from blip3o.prompts import GEN_INSTRUCTION, IMG_END_TOKEN, IMG_START_TOKEN
 
-    from blip3o.models.backbone import check_local_or_allowed, resolve_backbone_path
-    from blip3o.models.build import embed_new_tokens_as_mean, load_target, resolve_target_path
-    from blip3o.prompts import GEN_INSTRUCTION, IMG_END_TOKEN, IMG_START_TOKEN, add_special_tokens
-
-    adapter = get_backbone(cfg.backbone)
-    bpath = resolve_backbone_path(cfg.backbone, cfg.backbone_path)
-    check_local_or_allowed(bpath, "model.backbone_path")
-    tokenizer = AutoTokenizer.from_pretrained(bpath)
-    had = set(tokenizer.get_vocab())
-    ids = add_special_tokens(tokenizer)
-    tokenizer.padding_side = "left"
-    backbone = adapter.from_pretrained(bpath, dtype=dtype, attn_implementation=cfg.attn_implementation)
-    embed_new_tokens_as_mean(backbone, tokenizer, [i for t, i in ids.items() if t not in had])
+    adapter, bpath, backbone, tokenizer = load_backbone(cfg, dtype)
     target = load_target(cfg)
     template = get_template(adapter.template.name)
     uncond = encode_generation_prompts(tokenizer, [""], template, max_length=cfg.max_length, num_queries=0)
@@ -694,10 +620,7 @@ def build_fusion_model(cfg, dtype: torch.dtype = torch.float32):
     )
     model = Blip3oFusionForConditionalGeneration(config, backbone=backbone)
     model.tokenizer = tokenizer
-    if os.path.isfile(os.path.join(bpath, "preprocessor_config.json")):
-        from transformers import AutoImageProcessor
-
-        model.image_processor = AutoImageProcessor.from_pretrained(bpath)
+    attach_image_processor(model, bpath)
     model.attach_target_encoder(target)
     return model, tokenizer
 
