@@ -96,6 +96,8 @@ def main(argv=None) -> int:
     p.add_argument("--prompts", default=None, help="eval prompts (default: from the generator's config)")
     p.add_argument("--samples-per-prompt", type=int, default=2)
     p.add_argument("--out", default=None, help="default: RUN/curve")
+    p.add_argument("--eval-limit", type=int, default=None, help="score only the first N evaluation prompts")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps of the DiT and the decoder")
     a = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
@@ -119,12 +121,15 @@ def main(argv=None) -> int:
             print(f"[{m:g} min] no checkpoint that early; skipped", flush=True)
             continue
         prompts = a.prompts or json.loads((g[2] / "trainer_state.json").read_text())["config"]["data"]["eval_prompts"]
-        rows = read_prompt_rows(prompts)
+        rows = read_prompt_rows(prompts)[: a.eval_limit]
         t = time.time()
         pipe = load_pair(d[2], g[2])
+        if a.steps is not None:
+            pipe.decoder.register_to_config(default_num_inference_steps=a.steps)
         samples = out / f"samples-{m:g}min"
         shutil.rmtree(samples, ignore_errors=True)
-        generate_geneval(pipe, rows, str(samples), n_samples=a.samples_per_prompt, seed=0, batch_size=32)
+        generate_geneval(pipe, rows, str(samples), n_samples=a.samples_per_prompt, seed=0, batch_size=32,
+                         num_inference_steps=a.steps)
         s = score_dir(str(samples))
         point = {"minutes": m, "overall": s["overall"], "tags": s["tags"], "decoder_step": d[1],
                  "decoder_train_s": d[0], "generator_step": g[1], "generator_train_s": g[0],

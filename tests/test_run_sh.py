@@ -3,6 +3,7 @@ with few-step overrides (the full default is a benchmark: benchmarks/toy_world.m
 import json
 import os
 import subprocess
+import sys
 
 from tests.conftest import ROOT, run_env
 
@@ -14,6 +15,7 @@ def test_run_sh_toy_default_with_few_steps(tmp_path, toy_data):
     out = tmp_path / "toy"
     r = subprocess.run(["bash", str(ROOT / "run.sh"), "--out", str(out), "--data", str(toy_data),
                         "train.max_steps=2", "train.per_device_train_batch_size=4", "data.num_workers=0",
+                        "train.save_steps=1", "train.save_total_limit=0",
                         "--samples-per-prompt", "1", "--eval-limit", "4", "--steps", "2"],
                        env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
@@ -23,3 +25,13 @@ def test_run_sh_toy_default_with_few_steps(tmp_path, toy_data):
         assert (out / f).is_file(), f
     assert (out / "model" / "diffusion-decoder" / "model_index.json").is_file()
     assert "toy score" in r.stdout
+
+    # score vs minutes from the same run's checkpoints (both stages saved at steps 1 and 2)
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "toy_curve.py"), str(out), "--minutes", "0", "600",
+                        "--eval-limit", "4", "--steps", "2", "--samples-per-prompt", "1"],
+                       env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert "no checkpoint that early" in r.stdout  # nothing is trained for 0 minutes
+    (point,) = json.loads((out / "curve" / "curve.json").read_text())
+    assert point["minutes"] == 600 and point["generator_step"] == 2 and point["decoder_step"] == 2
+    assert 0.0 <= point["overall"] <= 1.0 and (out / "curve" / "curve.png").is_file()
