@@ -98,6 +98,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="default: RUN/curve")
     p.add_argument("--eval-limit", type=int, default=None, help="score only the first N evaluation prompts")
     p.add_argument("--steps", type=int, default=None, help="sampling steps of the DiT and the decoder")
+    p.add_argument("--guidance", type=float, default=None, help="generator CFG scale (default: the model's)")
+    p.add_argument("--decoder-guidance", type=float, default=None, help="decoder CFG scale (default: the decoder's)")
+    p.add_argument("--tag", default="", help="suffix of the samples folder and curve key (settings sweeps)")
     a = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
@@ -126,20 +129,24 @@ def main(argv=None) -> int:
         pipe = load_pair(d[2], g[2])
         if a.steps is not None:
             pipe.decoder.register_to_config(default_num_inference_steps=a.steps)
-        samples = out / f"samples-{m:g}min"
+        samples = out / f"samples-{m:g}min{a.tag}"
         shutil.rmtree(samples, ignore_errors=True)
         generate_geneval(pipe, rows, str(samples), n_samples=a.samples_per_prompt, seed=0, batch_size=32,
-                         num_inference_steps=a.steps)
+                         num_inference_steps=a.steps, guidance_scale=a.guidance,
+                         decoder_guidance_scale=a.decoder_guidance)
         s = score_dir(str(samples))
-        point = {"minutes": m, "overall": s["overall"], "tags": s["tags"], "decoder_step": d[1],
+        point = {"minutes": m, "tag": a.tag, "guidance": a.guidance, "decoder_guidance": a.decoder_guidance,
+                 "overall": s["overall"], "tags": s["tags"], "decoder_step": d[1],
                  "decoder_train_s": d[0], "generator_step": g[1], "generator_train_s": g[0],
                  "sample_s": time.time() - t}
-        points = sorted([q for q in points if q["minutes"] != m] + [point], key=lambda q: q["minutes"])
-        print(f"[{m:g} min] decoder step {d[1]}, generator step {g[1]}: overall {s['overall']:.3f} "
+        points = sorted([q for q in points if (q["minutes"], q.get("tag", "")) != (m, a.tag)] + [point],
+                        key=lambda q: (q.get("tag", ""), q["minutes"]))
+        print(f"[{m:g} min{a.tag}] decoder step {d[1]}, generator step {g[1]}: overall {s['overall']:.3f} "
               + " ".join(f"{k}={v:.2f}" for k, v in s["tags"].items()), flush=True)
         (out / "curve.json").write_text(json.dumps(points, indent=2))
-    if points:
-        plot(points, out / "curve.png")
+    main_curve = [q for q in points if not q.get("tag")]  # sweeps (--tag) stay in curve.json only
+    if main_curve:
+        plot(main_curve, out / "curve.png")
     print(f"wrote {out}/curve.json, curve.png")
     return 0
 
