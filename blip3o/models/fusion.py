@@ -214,10 +214,13 @@ class FusionOutput(ModelOutput):
 
 
 class _PrefixCache:
-    """Per-layer keys/values of the prompt, its key mask, and the position of the first image token."""
+    """Per-layer keys/values of the prompt, its key mask, and the position of the first image token; plus
+    the image block's rotary tables and key mask, which are the same at every Euler step (built on first use)."""
 
     def __init__(self, kv, valid, next_pos):
         self.kv, self.valid, self.next_pos = kv, valid, next_pos
+        self.image_rope = None
+        self.image_mask = None
 
 
 class Blip3oFusionForConditionalGeneration(GeneratorModelMixin, PreTrainedModel):
@@ -441,11 +444,13 @@ class Blip3oFusionForConditionalGeneration(GeneratorModelMixin, PreTrainedModel)
         """Velocity for x_t given a cached prompt: only the N image tokens run through the layers."""
         b, n = xt.shape[0], self.num_image_tokens
         x = self._embed_image(xt, t)
-        pos = cache.next_pos[:, None] + torch.arange(n, device=x.device)[None]
-        cos, sin = self.decoder_stack.rotary_emb(x, pos)
-        keys = torch.cat([cache.valid, cache.valid.new_ones((b, n))], dim=1)
-        mask = keys[:, None, None, :].expand(b, 1, n, keys.shape[1])
-        x, _ = self._run(x, cos, sin, mask, None, image_only=True, cache=cache)
+        if cache.image_rope is None or cache.image_rope[0].dtype != x.dtype:
+            pos = cache.next_pos[:, None] + torch.arange(n, device=x.device)[None]
+            cache.image_rope = self.decoder_stack.rotary_emb(x, pos)
+            keys = torch.cat([cache.valid, cache.valid.new_ones((b, n))], dim=1)
+            cache.image_mask = keys[:, None, None, :].expand(b, 1, n, keys.shape[1])
+        cos, sin = cache.image_rope
+        x, _ = self._run(x, cos, sin, cache.image_mask, None, image_only=True, cache=cache)
         return self._image_out(self._image_norm()(x))
 
     # -- training -------------------------------------------------------------------------------

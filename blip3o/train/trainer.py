@@ -377,9 +377,12 @@ class Trainer:
                 window_t, window_samples = time.perf_counter(), 0
             if t.sample_steps and self.step % t.sample_steps == 0 and self.dist.is_main:
                 self.task.sample(self.out / "samples" / f"step-{self.step:07d}.png", self.ema)
-            stop = all_reduce_max(1.0 if self._stop_signal is not None else 0.0)
-            # every rank must stop at the same step, or the next collective would hang
-            out_of_time = bool(budget_s) and all_reduce_max(1.0 if self.train_seconds >= budget_s else 0.0) > 0
+            # One collective for both reasons to stop (signal: 1, time budget spent: 2), so every rank stops at
+            # the same step (or the next collective would hang) without a second host sync per step. A max
+            # of 1 (signal on one rank) and 2 (time on another) is 2: the run finishes and saves, losing nothing.
+            flags = int(all_reduce_max(float((self._stop_signal is not None) | 2 * bool(
+                budget_s and self.train_seconds >= budget_s))))
+            stop, out_of_time = bool(flags & 1), bool(flags & 2)
             if (t.save_steps and self.step % t.save_steps == 0) or stop or out_of_time:
                 self.save_checkpoint()
             if out_of_time:
