@@ -31,7 +31,7 @@ from transformers.utils import ModelOutput
 
 from blip3o.models.backbone import get_backbone
 from blip3o.objectives import build_objective
-from blip3o.prompts import IMG_START_TOKEN, tokenize_for_generation
+from blip3o.prompts import tokenize_for_generation
 
 logger = logging.getLogger(__name__)
 

@@ -14,10 +14,9 @@ import logging
 import math
 import os
 import signal
-import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict
 
 import torch
 from safetensors.torch import load_file, save_file
