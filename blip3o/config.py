@@ -33,7 +33,7 @@ class ConfigError(ValueError):
 # Registries of variant names (the objects live in their modules; names are validated here so a
 # typo fails at config time, not an hour into a run).
 BACKBONES = ("qwen2_5_vl", "llama3", "qwen3")
-TARGETS = ("eva_clip", "siglip", "vae")
+TARGETS = ("eva_clip", "siglip", "vae", "toy_clip")
 OBJECTIVES = ("flow", "mse")
 DECODERS = ("sdxl", "sana", "none")
 RECIPES = ("sequential", "joint")
@@ -115,7 +115,7 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    task: str = "t2i"  # t2i: queries + DiT (the paper) | decoder: CLIP->pixels decoder by reconstruction
+    task: str = "t2i"  # t2i: queries + DiT (the paper) | decoder: CLIP->pixels decoder by reconstruction | clip: the toy CLIP
     output_dir: str = "outputs/run"
     seed: int = 42
     max_steps: int = 150_000
@@ -185,7 +185,7 @@ CHOICES = {
     ("model", "time_sampling"): ("uniform", "logit_normal"), ("model", "target_norm"): ("none", "channel"),
     ("model", "target_preset"): ("official", "tiny"), ("model", "dit_preset"): ("official", "tiny", "small"),
     ("data", "use_cache"): ("auto", "true", "false"), ("data", "json_loader"): ("auto", "json", "datasets"),
-    ("train", "mixed_precision"): ("bf16", "fp16", "no"), ("train", "task"): ("t2i", "decoder"), ("train", "report_to"): ("none", "wandb"),
+    ("train", "mixed_precision"): ("bf16", "fp16", "no"), ("train", "task"): ("t2i", "decoder", "clip"), ("train", "report_to"): ("none", "wandb"),
     ("train", "lr_scheduler_type"): ("cosine_with_min_lr", "cosine", "constant_with_warmup", "linear", "constant"),
 }
 

@@ -13,7 +13,8 @@ Claims tested (BLIP3-o, sec. 4): CLIP + flow scores best; flow gives more divers
 
 Stages
 1. Prerequisites, trained once and cached under OUT/prereq/ by a signature of their inputs (config text,
-   overrides, data folder): a pixel decoder per CLIP target (configs/toy_decoder.yaml with model.target=T),
+   overrides, data folder): the toy CLIP (configs/toy_clip.yaml; ``clip.`` overrides), a pixel decoder per
+   CLIP target (configs/toy_decoder.yaml with model.target=T),
    and the toy VAE (scripts/train_toy_vae.py) for vae_flow and the fusion variants. Their times are reported
    separately from the variants' budgets (a cached prerequisite reports the time it took when it was built).
 2. Per variant, the generator (its config + overrides) trains for an equal budget of training time: the
@@ -67,30 +68,32 @@ from toy_world import train  # noqa: E402  (one training subprocess with its log
 class Variant:
     """A generator config + overrides, and where its pixels come from.
 
-    pixels: a CLIP target name ("eva_clip", "siglip"): a diffusion decoder trained on that target's features;
+    pixels: a CLIP target name ("toy_clip", "siglip"): a diffusion decoder trained on that target's features;
         or "vae": the trained toy VAE's own decoder (no diffusion decoder).
     """
     config: str
     overrides: Sequence[str] = ()
-    pixels: str = "eva_clip"
-    target: str = "eva_clip"
+    pixels: str = "toy_clip"
+    target: str = "toy_clip"
     objective: str = "flow"
     note: str = ""
 
 
-# configs/toy_gen.yaml pools the EVA target to a 4x4 grid (model.target_kwargs); SigLIP gets the same 4x4
-# grid, the toy VAE keeps its own 8x8x16 latents (a VAE target is what it is: target_kwargs cleared).
+# The CLIP variants diffuse the toy CLIP's 8x8x32 grid (configs/toy_gen.yaml; the toy CLIP is a shared
+# prerequisite, trained once); SigLIP (a random tiny tower) is pooled to the same 8x8 grid; the toy VAE keeps
+# its own 8x8x16 latents (a VAE target is what it is: target_kwargs cleared).
 VARIANTS: Dict[str, Variant] = {
-    "clip_flow": Variant("configs/toy_gen.yaml", (), "eva_clip", "eva_clip", "flow", "the paper's choice"),
-    "clip_mse": Variant("configs/toy_gen.yaml", ("model.objective=mse",), "eva_clip", "eva_clip", "mse"),
-    "siglip_flow": Variant("configs/toy_gen.yaml", ("model.target=siglip", "model.target_kwargs={grid: [4, 4]}"),
+    "clip_flow": Variant("configs/toy_gen.yaml", (), "toy_clip", "toy_clip", "flow", "the paper's choice"),
+    "clip_mse": Variant("configs/toy_gen.yaml", ("model.objective=mse",), "toy_clip", "toy_clip", "mse"),
+    "siglip_flow": Variant("configs/toy_gen.yaml", ("model.target=siglip", "model.target_kwargs={grid: [8, 8]}"),
                            "siglip", "siglip", "flow"),
     "vae_flow": Variant("configs/toy_gen.yaml", ("model.target=vae", "model.target_kwargs={}"), "vae", "vae", "flow"),
     "transfusion": Variant("configs/toy_transfusion.yaml", (), "vae", "vae", "flow", "fusion baseline"),
     "lmfusion": Variant("configs/toy_lmfusion.yaml", (), "vae", "vae", "flow", "fusion baseline"),
 }
-# target_kwargs of each CLIP target's decoder (must match its generators above)
-DECODER_TARGET_KWARGS = {"eva_clip": "{pool: 4}", "siglip": "{grid: [4, 4]}"}
+# how each CLIP target's decoder (and generators) select that target: the trained toy CLIP by its path
+# (filled in at run time), a random tiny SigLIP by its pooling
+DECODER_TARGET_KWARGS = {"siglip": "{grid: [8, 8]}"}
 DEFAULT_VARIANTS = "clip_flow,clip_mse,siglip_flow,vae_flow,transfusion,lmfusion"
 
 
@@ -141,10 +144,36 @@ def _sig(*parts) -> str:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def prereq_decoder(target: str, out: Path, shards: str, overrides: List[str]) -> dict:
+def prereq_clip(out: Path, shards: str, overrides: List[str]) -> dict:
+    """The toy CLIP (configs/toy_clip.yaml), trained once: the target of the CLIP variants and their decoder."""
+    cfg = ROOT / "configs" / "toy_clip.yaml"
+    ov = [f"data.train_shards={shards}", *overrides]
+    d = out / "prereq" / f"toy_clip-{_sig(cfg.read_text(), ov)}"
+    if (d / "zero_shot.json").is_file() and (d / "ablation_info.json").is_file():
+        info = json.loads((d / "ablation_info.json").read_text())
+        print(f"[prereq] toy CLIP: cached {d} (built in {info['train_s']:.0f}s)", flush=True)
+        return dict(info, cached=True)
+    shutil.rmtree(d, ignore_errors=True)
+    d.mkdir(parents=True)
+    print(f"[prereq] training the toy CLIP -> {d}", flush=True)
+    s = train(str(cfg.relative_to(ROOT)), [*ov, f"train.output_dir={d}"], d.parent / f"{d.name}.log")
+    recs = read_metrics(d / "metrics.jsonl")
+    info = {"kind": "clip", "path": str(d), "train_s": s, "overrides": ov, "steps": recs[-1]["step"] if recs else None,
+            "final_loss": recs[-1]["loss"] if recs else None, "zero_shot": json.loads((d / "zero_shot.json").read_text()),
+            "cached": False}
+    (d / "ablation_info.json").write_text(json.dumps(info, indent=2))
+    return info
+
+
+def target_overrides(target: str, clip_path: Optional[str]) -> List[str]:
+    if target == "toy_clip":
+        return ["model.target=toy_clip", f"model.target_path={clip_path}"]
+    return [f"model.target={target}", f"model.target_kwargs={DECODER_TARGET_KWARGS[target]}"]
+
+
+def prereq_decoder(target: str, out: Path, shards: str, overrides: List[str], clip_path: Optional[str] = None) -> dict:
     cfg = ROOT / "configs" / "toy_decoder.yaml"
-    ov = [f"data.train_shards={shards}", f"model.target={target}",
-          f"model.target_kwargs={DECODER_TARGET_KWARGS[target]}", *overrides]
+    ov = [f"data.train_shards={shards}", *target_overrides(target, clip_path), *overrides]
     d = out / "prereq" / f"decoder-{target}-{_sig(cfg.read_text(), ov)}"
     info_p = d / "ablation_info.json"
     if (d / "model_index.json").is_file() and info_p.is_file():
@@ -314,6 +343,8 @@ def write_report(out: Path, results: dict) -> None:
         for k, p in results["prereqs"].items():
             note = (f"held-out recon MSE {p['recon_mse_heldout_01']:.4f} ([0,1] px), {p['steps']} steps"
                     if p.get("kind") == "vae" else f"{p.get('steps')} steps, final loss {_f(p.get('final_loss'))}")
+            if p.get("kind") == "clip":
+                note += f"; zero-shot shape {p['zero_shot']['shape']:.2f}, colour {p['zero_shot']['colour']:.2f}"
             lines.append(f"| {k} | {p['train_s']:.0f} | {p.get('cached', False)} | {note} |")
     (out / "results.md").write_text("\n".join(lines) + "\n")
     plot(out / "ablations.png", done, tags)
@@ -413,9 +444,9 @@ def main(argv=None) -> int:
     from blip3o.eval.geneval import read_prompt_rows
 
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
-    both = [o for o in a.overrides if not o.startswith(("decoder.", "gen."))]
-    dec_ov = both + [o[len("decoder."):] for o in a.overrides if o.startswith("decoder.")]
-    gen_ov = both + [o[len("gen."):] for o in a.overrides if o.startswith("gen.")]
+    stage = ("clip.", "decoder.", "gen.")
+    both = [o for o in a.overrides if not o.startswith(stage)]
+    clip_ov, dec_ov, gen_ov = ([*both, *(o[len(p):] for o in a.overrides if o.startswith(p))] for p in stage)
     out, data = (ROOT / a.out).resolve(), (ROOT / a.data).resolve()
     out.mkdir(parents=True, exist_ok=True)
     prompts = data / "eval" / "prompts.jsonl"
@@ -456,9 +487,15 @@ def main(argv=None) -> int:
                     results["prereqs"]["toy_vae"] = vae_info
                 ov.append(f"model.target_path={vae_info['path']}")
             else:
+                clip_path = None
+                if v.pixels == "toy_clip":
+                    if "toy_clip" not in results["prereqs"]:
+                        results["prereqs"]["toy_clip"] = prereq_clip(out, shards, clip_ov)
+                    clip_path = results["prereqs"]["toy_clip"]["path"]
+                    ov.append(f"model.target_path={clip_path}")
                 key = f"decoder_{v.pixels}"
                 if key not in results["prereqs"]:
-                    results["prereqs"][key] = prereq_decoder(v.pixels, out, shards, dec_ov)
+                    results["prereqs"][key] = prereq_decoder(v.pixels, out, shards, dec_ov, clip_path)
                 ov.append(f"model.decoder_path={results['prereqs'][key]['path']}")
             ov += gen_ov
             rec.update(train_variant(name, v, vdir, ov, a.budget_min, a.steps, a.fresh))

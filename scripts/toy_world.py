@@ -3,9 +3,10 @@ samples of the evaluation prompts -> pixel score. This is what ``bash run.sh`` r
 
     python scripts/toy_world.py                                # defaults (configs/toy_decoder.yaml, configs/toy_gen.yaml)
     python scripts/toy_world.py train.max_steps=3              # plain overrides go to both training runs
-    python scripts/toy_world.py decoder.train.max_steps=50 gen.train.max_steps=100 --out outputs/toy2
+    python scripts/toy_world.py clip.train.max_steps=20 decoder.train.max_steps=50 gen.train.max_steps=100 --out outputs/toy2
 
-Writes OUT/decoder/ (a decoder dir), OUT/model/ (a self-contained model dir with diffusion-decoder/),
+Stages: the toy CLIP (configs/toy_clip.yaml, both cores), then the decoder and the generator side by side (one
+core each), both targeting the CLIP's frozen image tower. Writes OUT/clip/ (the toy CLIP), OUT/decoder/ (a decoder dir), OUT/model/ (a self-contained model dir with diffusion-decoder/),
 OUT/samples/ (GenEval layout), OUT/score.json, OUT/grid.png, OUT/loss.png and OUT/timings.json.
 Stages whose output already exists are skipped (delete the folder, or pass --fresh, to redo them).
 """
@@ -83,15 +84,16 @@ def main(argv=None) -> int:
     p.add_argument("--fresh", action="store_true", help="retrain even if outputs exist")
     p.add_argument("--eval-limit", type=int, default=None, help="score only the first N evaluation prompts")
     p.add_argument("--steps", type=int, default=None, help="sampling steps of the DiT and the decoder")
+    p.add_argument("--bank", type=int, default=4000, help="training scenes for the stage table's nearest-neighbour score")
     p.add_argument("--sequential", action="store_true",
                    help="train the decoder, then the generator (default: side by side when there are 2+ cores)")
     a = p.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "2")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("WANDB_MODE", "disabled")
-    both = [o for o in a.overrides if not o.startswith(("decoder.", "gen."))]
-    dec_ov = both + [o[len("decoder."):] for o in a.overrides if o.startswith("decoder.")]
-    gen_ov = both + [o[len("gen."):] for o in a.overrides if o.startswith("gen.")]
+    stage = ("clip.", "decoder.", "gen.")
+    both = [o for o in a.overrides if not o.startswith(stage)]
+    clip_ov, dec_ov, gen_ov = ([*both, *(o[len(p):] for o in a.overrides if o.startswith(p))] for p in stage)
     out, data = (ROOT / a.out).resolve(), (ROOT / a.data).resolve()
     if a.fresh and out.exists():
         shutil.rmtree(out)
@@ -110,19 +112,26 @@ def main(argv=None) -> int:
     shards = f"data.train_shards={data / 'train'}"
     prompts = data / "eval" / "prompts.jsonl"
 
+    # Stage 1, the toy CLIP: its frozen image tower is the target of both later stages, so it trains first,
+    # alone, on every core.
+    clip_dir, dec_dir, model_dir = out / "clip", out / "decoder", out / "model"
+    if not (clip_dir / "text_tower.safetensors").is_file():
+        timings["clip_train_s"] = train("configs/toy_clip.yaml", [shards, f"train.output_dir={clip_dir}", *clip_ov],
+                                        out / "clip.log", threads=int(os.environ["OMP_NUM_THREADS"]))
+    target = f"model.target_path={clip_dir}"
+
     # The decoder learns from the target encoder's features of real images and the generator from the
     # captions, so neither needs the other: on 2+ cores they train side by side, one thread each (small
     # tensors scale poorly across threads, so two 1-thread processes beat two 2-thread stages in a row).
-    dec_dir, model_dir = out / "decoder", out / "model"
     parallel = not a.sequential and (os.cpu_count() or 1) >= 2
     threads = 1 if parallel else int(os.environ["OMP_NUM_THREADS"])
     jobs = []
     if not (dec_dir / "model_index.json").is_file():
         jobs.append(("decoder_train_s", "configs/toy_decoder.yaml",
-                     [shards, f"train.output_dir={dec_dir}", *dec_ov], out / "decoder.log"))
+                     [shards, target, f"train.output_dir={dec_dir}", *dec_ov], out / "decoder.log"))
     if not (model_dir / "model.safetensors").is_file():
         jobs.append(("generator_train_s", "configs/toy_gen.yaml",
-                     [shards, f"data.eval_prompts={prompts}", f"train.output_dir={model_dir}", *gen_ov],
+                     [shards, target, f"data.eval_prompts={prompts}", f"train.output_dir={model_dir}", *gen_ov],
                      out / "generator.log"))
     if parallel:
         running = [(key, log, *start(cfg, ov, log, threads)) for key, cfg, ov, log in jobs]
@@ -164,12 +173,23 @@ def main(argv=None) -> int:
     timings["total_s"] = time.time() - t0
     score["timings"] = timings
     (out / "score.json").write_text(json.dumps(score, indent=2))
+    t = time.time()
+    from blip3o.eval.toy_stages import run_stages, table
+
+    stages = run_stages(str(out), str(prompts), samples_per_prompt=a.samples_per_prompt, limit=a.eval_limit,
+                        decoder_steps=a.steps, bank=a.bank, pipe=pipe)
+    (out / "stages.json").write_text(json.dumps(stages, indent=2))
+    (out / "stages.md").write_text(table(stages) + "\n")
+    timings["stages_s"] = time.time() - t
+    timings["total_s"] = time.time() - t0
     (out / "timings.json").write_text(json.dumps(timings, indent=2))
     from PIL import Image
 
     tiles = [Image.open(samples / f"{i:05d}" / "samples" / "0000.png").convert("RGB") for i in range(min(16, len(rows)))]
     make_grid(tiles, cols=4).resize((4 * 128, ((len(tiles) + 3) // 4) * 128), Image.NEAREST).save(out / "grid.png")
-    loss_plot([("decoder", dec_dir / "metrics.jsonl"), ("generator", model_dir / "metrics.jsonl")], out / "loss.png")
+    loss_plot([("toy CLIP", clip_dir / "metrics.jsonl"), ("decoder", dec_dir / "metrics.jsonl"),
+               ("generator", model_dir / "metrics.jsonl")], out / "loss.png")
+    print(table(stages))
     print(f"toy score {score['overall']:.3f} " + " ".join(f"{k}={v:.2f}" for k, v in score["tags"].items()))
     print(f"wrote {out}/score.json, grid.png, loss.png; stage times: " +
           ", ".join(f"{k}={v:.0f}s" for k, v in timings.items()))

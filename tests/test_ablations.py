@@ -53,7 +53,7 @@ def test_run_ablations_end_to_end(tmp_path, toy_data):
     cmd = [sys.executable, str(ROOT / "scripts" / "run_ablations.py"), "--data", str(toy_data), "--out", str(out),
            "--variants", "clip_flow,clip_mse,vae_flow", "--steps", "2", "--eval-limit", "2", "--div-prompts", "2",
            "--div-seeds", "2", "--sample-steps", "2", "--vae-args", "--steps 2 --images 32",
-           "decoder.train.max_steps=2", "train.per_device_train_batch_size=4", "data.num_workers=0",
+           "decoder.train.max_steps=2", "clip.train.max_steps=2", "train.per_device_train_batch_size=4", "data.num_workers=0",
            "data.shuffle_buffer=50"]
     r = subprocess.run(cmd, env=run_env(), capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
@@ -71,8 +71,9 @@ def test_run_ablations_end_to_end(tmp_path, toy_data):
     # an MSE generator is deterministic: the seeds change nothing before the decoder
     assert by["clip_mse"]["diversity_feature_rel"] == pytest.approx(0.0, abs=1e-6)
     assert by["clip_flow"]["diversity_feature_rel"] > 0
-    # prerequisites: one EVA decoder, one trained VAE loadable through the normal target path
-    assert set(res["prereqs"]) == {"decoder_eva_clip", "toy_vae"}
+    # prerequisites: the toy CLIP and its decoder, one trained VAE loadable through the normal target path
+    assert set(res["prereqs"]) == {"toy_clip", "decoder_toy_clip", "toy_vae"}
+    assert json.loads((out / "clip_flow" / "model" / "config.json").read_text())["target"] == "toy_clip"
     vae = res["prereqs"]["toy_vae"]
     assert math.isfinite(vae["recon_mse_heldout_01"]) and abs(vae["x0_std"] - 1.0) < 1e-3
     from blip3o.models.targets import load_target_encoder

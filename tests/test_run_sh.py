@@ -25,6 +25,17 @@ def test_run_sh_toy_default_with_few_steps(tmp_path, toy_data):
         assert (out / f).is_file(), f
     assert (out / "model" / "diffusion-decoder" / "model_index.json").is_file()
     assert "toy score" in r.stdout
+    # the toy CLIP stage ran first, and both later stages target its frozen image tower
+    assert (out / "clip" / "text_tower.safetensors").is_file()
+    assert json.loads((out / "model" / "config.json").read_text())["target"] == "toy_clip"
+    # the stage table: decoder ceiling, end to end, decoder-free generator score, CLIP zero-shot
+    stages = json.loads((out / "stages.json").read_text())
+    for key in ("ceiling", "end_to_end", "generator_nn", "nn_ceiling"):
+        assert 0.0 <= stages[key]["overall"] <= 1.0 and set(stages[key]["tags"]) <= {
+            "single_object", "counting", "colors", "position"}, key
+    assert stages["end_to_end"]["overall"] == score["overall"] and stages["generator_nn"]["images"] == 4
+    assert stages["ceiling"]["images"] == 4 and set(stages["zero_shot"]) == {"shape", "colour", "n"}
+    assert "decoder ceiling" in (out / "stages.md").read_text() and "decoder ceiling" in r.stdout
 
     # score vs minutes from the same run's checkpoints (both stages saved at steps 1 and 2)
     r = subprocess.run([sys.executable, str(ROOT / "scripts" / "toy_curve.py"), str(out), "--minutes", "0", "600",

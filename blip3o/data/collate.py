@@ -126,7 +126,8 @@ class BatchCollator:
     def __call__(self, samples: Sequence[dict]) -> Dict[str, object]:
         gen = [s for s in samples if s["kind"] == "gen"]
         und = [s for s in samples if s["kind"] == "und"]
-        batch: Dict[str, object] = {"keys": [s["key"] for s in gen], "sources": [s["source"] for s in gen]}
+        batch: Dict[str, object] = {"keys": [s["key"] for s in gen], "sources": [s["source"] for s in gen],
+                                    "captions": [s["caption"] for s in gen]}
         if gen and any("edit_image" in s for s in gen):
             # Editing rows carry their source image as <|image_pad|> slots before the instruction; plain
             # rows keep the generation prompt. One left-padded batch either way.

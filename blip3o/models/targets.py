@@ -1046,3 +1046,8 @@ def make_tiny_target(name: str, path: str, seed: int = 0, preset: str = "tiny", 
         enc = build_target_encoder(name, preset=preset, **overrides)
     enc.save_pretrained(path)
     return path
+
+
+# The toy world's trained CLIP registers itself as the "toy_clip" target (its own module: it also holds a
+# text tower and the contrastive loss, which no other target has).
+from blip3o.models import toy_clip as _toy_clip  # noqa: E402,F401

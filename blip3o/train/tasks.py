@@ -361,3 +361,7 @@ class DecoderTask:
 
 
 TASKS["decoder"] = DecoderTask
+
+from blip3o.train.clip_task import ClipTask  # noqa: E402  (registered here so get_task sees every task)
+
+TASKS["clip"] = ClipTask

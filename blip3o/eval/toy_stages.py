@@ -1,0 +1,214 @@
+"""Stage-wise evidence for a toy-world run: which stage limits the end-to-end score.
+
+    python -m blip3o.eval.toy_stages outputs/toy --prompts toy_data/eval/prompts.jsonl   # what run.sh wrote
+    python -m blip3o.eval.toy_stages RUN --model RUN/model --samples-per-prompt 2 --bank 4000
+
+For the 48 evaluation prompts (12 per tag) it reports, per tag and overall:
+
+* ``ceiling``: the decoder alone. The ground-truth scenes of the evaluation prompts are rendered, encoded by the
+  frozen target (the toy CLIP), and decoded: what the decoder can do with perfect features.
+* ``end_to_end``: the generated images (RUN/score.json when it exists, else sampled here as run.sh does).
+* ``generator_nn``: the generator without the decoder. Each generated feature map is matched to its nearest
+  neighbour (L2) in a bank of training scenes' features, and that training *image* is scored against the prompt.
+  ``nn_ceiling`` is the same retrieval from the ground-truth features: how far retrieval itself can go, so the
+  generator reads as a fraction of it.
+* ``generator_clip``: the generator scored by the toy CLIP itself: the share of generated feature maps whose CLIP
+  embedding ranks the prompt above its word-swapped negatives (another colour, shape, count or relation);
+  ``clip_ceiling`` is the same for the ground-truth features. The CLIP pools over the grid, so it cannot see
+  left from right: position rows measure colour and shape only.
+* ``feature_stats``: generated against ground-truth features (per-channel mean and std in units of the
+  ground-truth std, and the ratio of token norms): out-of-distribution features show up here first.
+* ``zero_shot``: the toy CLIP's zero-shot shape and colour accuracy (RUN/clip/zero_shot.json).
+
+Writes RUN/stages.json and prints the table that benchmarks/toy_world.md uses.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from blip3o.data import toy
+from blip3o.data.streams import derive_seed
+from blip3o.eval.toy import score_image
+
+TAGS = list(toy.TAGS)
+
+
+def _tag_scores(oks: Sequence[bool], rows: Sequence[dict], per: int) -> Dict[str, object]:
+    tags: Dict[str, List[bool]] = {t: [] for t in TAGS}
+    for i, ok in enumerate(oks):
+        tags[rows[i // per]["tag"]].append(bool(ok))
+    acc = {t: float(np.mean(v)) for t, v in tags.items() if v}
+    return {"overall": float(np.mean(list(acc.values()))), "tags": acc, "images": len(oks)}
+
+
+def eval_ground_truth(prompts_path: str, seed: int = 0, limit: Optional[int] = None):
+    """The evaluation prompts and the scenes they were drawn from (regenerated from the toy seed)."""
+    if not Path(prompts_path).is_file():
+        raise FileNotFoundError(f"evaluation prompts not found: {prompts_path}")
+    rows = [json.loads(l) for l in Path(prompts_path).read_text().splitlines() if l.strip()]
+    per_tag = len(rows) // len(TAGS)
+    scenes = toy.eval_scenes(seed, per_tag)
+    if [toy.short_caption(s) for s in scenes] != [r["prompt"] for r in rows]:
+        raise ValueError(f"{prompts_path} was not written by write_toy_dataset(seed={seed}); cannot rebuild its scenes")
+    return rows[:limit], scenes[:limit]
+
+
+def _images_to_target(target, images: Sequence[Image.Image]) -> torch.Tensor:
+    return target.encode(target.preprocess(list(images)).to(target.device))
+
+
+def _decode(pipe, feats: torch.Tensor, seed: int, steps: Optional[int]) -> List[Image.Image]:
+    gens = [torch.Generator().manual_seed(seed + i) for i in range(feats.shape[0])]
+    return pipe.decode(feats, gens, num_inference_steps=steps)
+
+
+def training_bank(target, n: int, seed: int = 0, batch: int = 256):
+    """Features and images of the first ``n`` training scenes (rendered, not read from shards)."""
+    feats, images = [], []
+    for start in range(0, n, batch):
+        ims = [toy.render(toy.train_scene(seed, i)) for i in range(start, min(n, start + batch))]
+        feats.append(_images_to_target(target, ims).flatten(1))
+        images.extend(ims)
+    return torch.cat(feats), images
+
+
+def nn_score(queries: torch.Tensor, bank: torch.Tensor, bank_images, rows, per: int):
+    idx = torch.cdist(queries.flatten(1).float(), bank.float()).argmin(1).tolist()
+    return _tag_scores([score_image(bank_images[j], rows[i // per])[0] for i, j in enumerate(idx)], rows, per)
+
+
+# words swapped to make the negatives of the CLIP check (beyond the CLIP's own colour/shape swaps)
+_EVAL_SWAPS = [["two", "three", "four"], ["left", "right"], ["above", "below"]]
+
+
+def clip_rank_score(clip, feats: torch.Tensor, rows, per: int) -> Dict[str, object]:
+    """Share of feature maps whose CLIP embedding ranks their prompt first among word-swapped negatives."""
+    ie = torch.nn.functional.normalize(clip.image.embed(feats.to(clip.logit_scale.device)), dim=-1)
+    oks = []
+    for i in range(feats.shape[0]):
+        prompt = rows[i // per]["prompt"]
+        words = prompt.split()
+        cands = [prompt]
+        for group in [*clip.config["hard_negative_groups"], *_EVAL_SWAPS]:
+            for k, w in enumerate(words):
+                if w in group:
+                    cands += [" ".join(words[:k] + [o] + words[k + 1:]) for o in group if o != w]
+        sims = clip.encode_text(cands) @ ie[i]
+        oks.append(bool(sims[0] > sims[1:].max()) if len(cands) > 1 else True)
+    return _tag_scores(oks, rows, per)
+
+
+def feature_stats(gen: torch.Tensor, gt: torch.Tensor) -> Dict[str, float]:
+    c = gt.shape[1]
+    g, t = gen.transpose(0, 1).reshape(c, -1), gt.transpose(0, 1).reshape(c, -1)
+    std = t.std(1).clamp_min(1e-6)
+    return {"mean_shift": float(((g.mean(1) - t.mean(1)).abs() / std).mean()),
+            "std_ratio": float((g.std(1) / std).mean()),
+            "norm_ratio": float(gen.flatten(2).norm(dim=1).mean() / gt.flatten(2).norm(dim=1).mean())}
+
+
+@torch.no_grad()
+def run_stages(run: str, prompts: str, model_dir: Optional[str] = None, samples_per_prompt: int = 2,
+               bank: int = 4000, seed: int = 0, decoder_steps: Optional[int] = None, limit: Optional[int] = None,
+               pipe=None) -> Dict[str, object]:
+    """The stage table of a toy run (see the module docstring); ``pipe``: an already loaded pipeline."""
+    from blip3o.pipeline import Blip3oPipeline
+
+    run_p = Path(run)
+    pipe = pipe or Blip3oPipeline.from_pretrained(model_dir or str(run_p / "model"), device="cpu")
+    target = pipe.model.target_encoder
+    rows, scenes = eval_ground_truth(prompts, limit=limit)
+    gt = _images_to_target(target, [toy.render(s) for s in scenes])
+    out: Dict[str, object] = {"run": str(run_p), "prompts": len(rows), "samples_per_prompt": samples_per_prompt}
+
+    # (a) the decoder's ceiling: ground-truth features of the evaluation scenes, decoded
+    if pipe.has_decoder():
+        ims = _decode(pipe, gt, seed + 10 ** 6, decoder_steps)
+        out["ceiling"] = _tag_scores([score_image(im, r)[0] for im, r in zip(ims, rows)], rows, 1)
+
+    # (b) end to end
+    score_json = run_p / "score.json"
+    if score_json.is_file():
+        s = json.loads(score_json.read_text())
+        out["end_to_end"] = {"overall": s["overall"], "tags": s["tags"], "images": s.get("images")}
+
+    # (c) the generator without the decoder: nearest training scene of each generated feature map
+    gens = [torch.Generator().manual_seed(seed + k) for _ in rows for k in range(samples_per_prompt)]
+    feats = []
+    for i in range(0, len(rows), 16):
+        chunk = rows[i:i + 16]
+        feats.append(pipe.model.generate_features([r["prompt"] for r in chunk], num_images_per_prompt=samples_per_prompt,
+                                                  generator=gens[i * samples_per_prompt:(i + len(chunk)) * samples_per_prompt]))
+    gen = torch.cat(feats)
+    bank_feats, bank_images = training_bank(target, bank)
+    out["generator_nn"] = nn_score(gen, bank_feats, bank_images, rows, samples_per_prompt)
+    out["nn_ceiling"] = nn_score(gt, bank_feats, bank_images, rows, 1)
+    out["feature_stats"] = feature_stats(gen, gt)
+
+    # (d) the toy CLIP: zero-shot accuracy, and its judgement of the generated features
+    clip_dir = run_p / "clip"
+    if (clip_dir / "text_tower.safetensors").is_file():
+        from blip3o.models.toy_clip import ToyClipModel
+
+        clip = ToyClipModel.from_pretrained(str(clip_dir))
+        out["generator_clip"] = clip_rank_score(clip, gen, rows, samples_per_prompt)
+        out["clip_ceiling"] = clip_rank_score(clip, gt, rows, 1)
+        if (clip_dir / "zero_shot.json").is_file():
+            out["zero_shot"] = json.loads((clip_dir / "zero_shot.json").read_text())
+    return out
+
+
+def table(stages: Dict[str, object]) -> str:
+    rows = [("decoder ceiling (GT features)", "ceiling"), ("end to end", "end_to_end"),
+            ("generator, NN retrieval", "generator_nn"), ("NN retrieval of GT features", "nn_ceiling"),
+            ("generator, toy-CLIP ranking", "generator_clip"), ("toy-CLIP ranking of GT features", "clip_ceiling")]
+    lines = ["| stage | " + " | ".join(TAGS) + " | overall |", "|---" * (len(TAGS) + 2) + "|"]
+    for name, key in rows:
+        s = stages.get(key)
+        if s:
+            lines.append(f"| {name} | " + " | ".join(f"{s['tags'].get(t, float('nan')):.2f}" for t in TAGS)
+                         + f" | **{s['overall']:.3f}** |")
+    fs, zs = stages.get("feature_stats"), stages.get("zero_shot")
+    if fs:
+        lines.append(f"\nfeatures, generated vs GT: mean shift {fs['mean_shift']:.2f} std, std ratio "
+                     f"{fs['std_ratio']:.2f}, norm ratio {fs['norm_ratio']:.2f}")
+    if zs:
+        lines.append(f"toy CLIP zero-shot: shape {zs['shape']:.2f}, colour {zs['colour']:.2f}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m blip3o.eval.toy_stages", description=__doc__.split("\n")[0])
+    p.add_argument("run", help="a toy-world output folder (clip/, decoder/, model/, score.json)")
+    p.add_argument("--model", default=None, help="model dir (default RUN/model)")
+    p.add_argument("--prompts", default="toy_data/eval/prompts.jsonl", help="the toy evaluation prompts")
+    p.add_argument("--eval-limit", type=int, default=None, help="only the first N prompts")
+    p.add_argument("--samples-per-prompt", type=int, default=2)
+    p.add_argument("--bank", type=int, default=4000, help="training scenes in the nearest-neighbour bank")
+    p.add_argument("--decoder-steps", type=int, default=None)
+    a = p.parse_args(argv)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+    try:
+        stages = run_stages(a.run, a.prompts, a.model, a.samples_per_prompt, a.bank, decoder_steps=a.decoder_steps,
+                            limit=a.eval_limit)
+    except (FileNotFoundError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    Path(a.run, "stages.json").write_text(json.dumps(stages, indent=2))
+    Path(a.run, "stages.md").write_text(table(stages) + "\n")
+    print(table(stages))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

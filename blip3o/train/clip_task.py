@@ -1,0 +1,123 @@
+"""Training task ``clip``: the toy world's CLIP (``blip3o.models.toy_clip``) on image-caption shards.
+
+    python -m blip3o.train configs/toy_clip.yaml
+    python -m blip3o.train configs/toy_clip.yaml data.train_shards=toy_data/train train.max_minutes=3
+
+The final directory is a ``toy_clip`` target encoder (point the generator and decoder at it with
+``model.target: toy_clip`` and ``model.target_path``) with the text tower beside it, and ``zero_shot.json``:
+the tower's zero-shot shape and colour accuracy on held-out toy scenes.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Dict
+
+import numpy as np
+import torch
+
+from blip3o.config import ExperimentConfig
+from blip3o.train.distributed import DistInfo
+
+logger = logging.getLogger("blip3o.train")
+
+
+class _ClipModule(torch.nn.Module):
+    """Wraps the toy CLIP so that forward returns (loss, parts), as the loop expects."""
+
+    def __init__(self, clip):
+        super().__init__()
+        self.clip = clip
+
+    def forward(self, images, captions, generator=None):
+        return self.clip(images, captions, generator=generator)
+
+
+class ClipTask:
+    def __init__(self, cfg: ExperimentConfig, dist: DistInfo):
+        from transformers import AutoTokenizer
+
+        from blip3o.models.backbone import resolve_backbone_path
+        from blip3o.models.targets import TARGET_PRESETS
+        from blip3o.models.toy_clip import ToyClipModel
+        from blip3o.prompts import add_special_tokens
+
+        m = cfg.model
+        if m.target != "toy_clip":
+            raise ValueError(f"train.task clip trains the toy CLIP: set model.target: toy_clip (got '{m.target}')")
+        if m.target_preset not in TARGET_PRESETS["toy_clip"]:
+            raise ValueError(f"model.target_preset: '{m.target_preset}' is not one of {sorted(TARGET_PRESETS['toy_clip'])}")
+        self.cfg, self.dist = cfg, dist
+        torch.manual_seed(cfg.train.seed)
+        self.clip = ToyClipModel(TARGET_PRESETS["toy_clip"][m.target_preset], **m.target_kwargs)
+        self.model = _ClipModule(self.clip)
+        self.image_size = int(self.clip.config["image_size"])
+        # The shared loader also builds generation prompts for every sample; this task reads the raw captions.
+        self.tokenizer = AutoTokenizer.from_pretrained(resolve_backbone_path(m.backbone, m.backbone_path))
+        add_special_tokens(self.tokenizer)
+
+    def image_transform(self, img):
+        from blip3o.models.targets import resize_center_crop
+
+        img = resize_center_crop(img.convert("RGB"), self.image_size)
+        return torch.from_numpy(np.asarray(img, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1.0
+
+    def build_loader(self, rank: int, world_size: int, seed: int):
+        from blip3o.data import build_train_dataloader
+
+        c = self.cfg
+        return build_train_dataloader(
+            c.data, self.tokenizer, image_transform=self.image_transform, rank=rank, world_size=world_size,
+            seed=seed, batch_size=c.train.per_device_train_batch_size, num_workers=c.data.num_workers,
+            template="chatml", num_queries=c.model.num_queries, max_length=c.model.max_length,
+            target_signature=None)
+
+    def to_device(self, batch, device):
+        return {"images": batch["pixel_values"].to(device), "captions": batch["captions"]}
+
+    def loss(self, module, batch):
+        return module(batch["images"], batch["captions"])
+
+    def flops_per_sample(self) -> Dict[str, float]:
+        # convs: 2 * params * output positions (x3 for fwd + bwd); the bag-of-words text side is negligible
+        flops, x = 0.0, torch.zeros(1, 3, self.image_size, self.image_size)
+        with torch.no_grad():
+            for layer in self.clip.image.net:
+                x = layer(x)
+                if isinstance(layer, torch.nn.Conv2d):
+                    flops += 6.0 * layer.weight.numel() * x.shape[-1] * x.shape[-2]
+        return {"trainable": flops, "frozen": 0.0}
+
+    def _with_ema(self, ema):
+        if ema is not None:
+            with torch.no_grad():
+                for n, p in self.model.named_parameters():
+                    if n in ema.shadow:
+                        p.copy_(ema.shadow[n].to(p.dtype))
+
+    @torch.no_grad()
+    def sample(self, path: Path, ema=None):
+        """Zero-shot accuracy of the current weights (JSON beside where image tasks write their grid)."""
+        from blip3o.models.toy_clip import zero_shot_accuracy
+
+        was = self.clip.training
+        self.clip.eval()
+        acc = zero_shot_accuracy(self.clip, n=150)
+        self.clip.train(was)
+        out = path.with_suffix(".json")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(acc))
+        logger.info("zero-shot shape %.3f colour %.3f", acc["shape"], acc["colour"])
+        return out
+
+    def save_final(self, out: Path, ema=None):
+        from blip3o.models.toy_clip import zero_shot_accuracy
+
+        self._with_ema(ema)
+        self.clip.eval()
+        self.clip.save_pretrained(str(out))
+        acc = zero_shot_accuracy(self.clip)
+        (out / "zero_shot.json").write_text(json.dumps(acc, indent=2))
+        (out / "experiment.json").write_text(json.dumps(self.cfg.to_dict(), indent=2))
+        logger.info("saved toy CLIP to %s (zero-shot shape %.3f, colour %.3f)", out, acc["shape"], acc["colour"])
