@@ -85,8 +85,12 @@ class ModelConfig:
     # Sampling defaults (reference §6).
     num_inference_steps: int = 30
     guidance_scale: float = 3.0
+    # DiT timesteps at sampling: integer = 1000 sigma truncated, as the original (the values its uniform-grid
+    # training saw); float = exact; auto = integer when time_sampling=uniform and time_shift=1, else float.
+    sample_timesteps: str = "auto"
     gradient_checkpointing: bool = True
-    max_length: int = 512
+    max_length: int = 512  # training prompts (with the queries) are cut to this many tokens, as the original
+    inference_max_length: int = 0  # 0 = prompts are never cut at inference (the original); > 0 cuts like max_length
 
 
 @dataclass
@@ -182,7 +186,7 @@ CHOICES = {
     ("model", "backbone"): BACKBONES, ("model", "target"): TARGETS, ("model", "objective"): OBJECTIVES,
     ("model", "decoder"): DECODERS, ("model", "decoder_preset"): ("tiny", "official"), ("model", "recipe"): RECIPES,
     ("model", "generator"): GENERATORS,
-    ("model", "time_sampling"): ("uniform", "logit_normal"), ("model", "target_norm"): ("none", "channel"),
+    ("model", "time_sampling"): ("uniform", "logit_normal"), ("model", "sample_timesteps"): ("auto", "integer", "float"), ("model", "target_norm"): ("none", "channel"),
     ("model", "target_preset"): ("official", "tiny"), ("model", "dit_preset"): ("official", "tiny", "small"),
     ("data", "use_cache"): ("auto", "true", "false"), ("data", "json_loader"): ("auto", "json", "datasets"),
     ("train", "mixed_precision"): ("bf16", "fp16", "no"), ("train", "task"): ("t2i", "decoder"), ("train", "report_to"): ("none", "wandb"),
@@ -359,6 +363,8 @@ def validate(cfg: ExperimentConfig) -> None:
         raise ConfigError(f"train.learning_rate: must be > 0, got {t.learning_rate}")
     if t.per_device_train_batch_size < 1:
         raise ConfigError(f"train.per_device_train_batch_size: must be >= 1, got {t.per_device_train_batch_size}")
+    if m.inference_max_length < 0 or 0 < m.inference_max_length <= m.num_queries + 16:
+        raise ConfigError(f"model.inference_max_length: 0 (no cut) or > num_queries + 16, got {m.inference_max_length}")
     if m.max_length <= m.num_queries + 16:
         raise ConfigError(f"model.max_length: {m.max_length} leaves no room for the prompt next to {m.num_queries} queries")
 

@@ -62,6 +62,7 @@ class Blip3oConfig(PretrainedConfig):
         num_inference_steps: int = 30,
         guidance_scale: float = 3.0,
         max_prompt_length: int = 512,
+        inference_max_length: int = 0,
         chat_template: str = "chatml",
         img_token_id: Optional[int] = None,
         attn_implementation_backbone: str = "sdpa",
@@ -87,7 +88,8 @@ class Blip3oConfig(PretrainedConfig):
         self.decoder_path = decoder_path
         self.num_inference_steps = num_inference_steps
         self.guidance_scale = guidance_scale
-        self.max_prompt_length = max_prompt_length
+        self.max_prompt_length = max_prompt_length  # training prompts (queries included) are cut to this
+        self.inference_max_length = inference_max_length  # 0: never cut at inference, as the original
         self.chat_template = chat_template
         self.img_token_id = img_token_id
         self.attn_implementation_backbone = attn_implementation_backbone
@@ -318,7 +320,7 @@ class Blip3oForConditionalGeneration(GeneratorModelMixin, PreTrainedModel):
     # -- generation -----------------------------------------------------------------------------
     def tokenize_prompts(self, prompts: Sequence[str], tokenizer=None) -> Dict[str, torch.Tensor]:
         return tokenize_for_generation(tokenizer or self.tokenizer, prompts, self.config.chat_template,
-                                       self.config.max_prompt_length, self.config.num_queries)
+                                       self.config.inference_max_length, self.config.num_queries)
 
     @torch.no_grad()
     def generate_features(
