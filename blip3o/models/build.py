@@ -124,6 +124,7 @@ def build_model(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> Tuple[B
         inference_max_length=cfg.inference_max_length, chat_template=adapter.template.name,
         img_token_id=tokenizer.convert_tokens_to_ids(IMG_START_TOKEN),
         attn_implementation_backbone=cfg.attn_implementation,
+        lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
     )
     model = Blip3oForConditionalGeneration(config, backbone=backbone)
     model.tokenizer = tokenizer
@@ -148,6 +149,12 @@ def _from_saved(cfg: ModelConfig):
             model.target_encoder  # noqa: B018  (loads from the saved target_path)
         return model, model.tokenizer
     model = Blip3oForConditionalGeneration.from_pretrained(cfg.init_from)
+    have = getattr(model.config, "lora_rank", 0)
+    if cfg.lora_rank > 0 and have == 0:
+        model.add_lora(cfg.lora_rank, cfg.lora_alpha)
+    elif cfg.recipe == "joint" and cfg.lora_rank != have:
+        raise ValueError(f"model.lora_rank: {cfg.init_from} was trained with LoRA rank {have}; continue it with "
+                         f"model.lora_rank={have}")
     model.config.recipe = cfg.recipe
     model.config.cfg_dropout = cfg.cfg_dropout
     model.config.text_loss_weight = cfg.text_loss_weight if cfg.recipe == "joint" else 0.0

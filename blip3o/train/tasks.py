@@ -28,15 +28,21 @@ DEFAULT_VAL_PROMPTS = ["a red circle", "two blue squares", "a green triangle to 
 
 
 def _read_eval_prompts(path: Optional[str], n: int = 8) -> List[str]:
-    if not path or not Path(path).is_file():
+    """The first ``n`` prompts of a GenEval-format JSONL; without a file, four built-in toy prompts. A file that
+    is configured but missing or empty is an error (a typo must not silently swap the validation prompts)."""
+    if not path:
         return DEFAULT_VAL_PROMPTS
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"data.eval_prompts: file not found: {path}")
     out = []
     for line in Path(path).read_text().splitlines():
         if line.strip():
             out.append(json.loads(line)["prompt"])
         if len(out) >= n:
             break
-    return out or DEFAULT_VAL_PROMPTS
+    if not out:
+        raise ValueError(f"data.eval_prompts: no prompts in {path}")
+    return out
 
 
 def move(batch, device):
