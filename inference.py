@@ -99,6 +99,9 @@ def main(argv=None) -> int:
         if value is not None and value < 1:
             print(f"error: {flag} must be >= 1, got {value}", file=sys.stderr)
             return 2
+    if args.embeddings_only and (args.height or args.width):
+        print("error: --height/--width size the pixel decoder's images; --embeddings-only skips it", file=sys.stderr)
+        return 2
 
     import blip3o  # noqa: F401
     import torch
@@ -115,9 +118,6 @@ def main(argv=None) -> int:
         return 2
     if args.cpu_offload:
         pipe.enable_model_cpu_offload()
-    if args.embeddings_only and (args.height or args.width):
-        print("error: --height/--width size the pixel decoder's images; --embeddings-only skips it", file=sys.stderr)
-        return 2
     if not args.question and not args.embeddings_only:
         try:
             pipe.check_image_size(args.height, args.width)

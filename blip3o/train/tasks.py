@@ -90,12 +90,12 @@ class T2ITask:
 
         self.cfg = cfg
         self.dist = dist
+        self.val_prompts = _read_eval_prompts(cfg.data.eval_prompts)  # a bad path fails before the model loads
         self.model, self.tokenizer = build_model(cfg.model)
         self.target = self.model.target_encoder  # attached by build_model
         self.target.to(dist.device)
         if cfg.model.gradient_checkpointing:
             self.model.set_gradient_checkpointing(True)
-        self.val_prompts = _read_eval_prompts(cfg.data.eval_prompts)
         self.decoder = None
         if cfg.model.decoder_path:
             from blip3o.decoders import load_decoder
