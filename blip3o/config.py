@@ -405,6 +405,10 @@ def _refuse_ignored(cfg: ExperimentConfig) -> None:
     if m.objective == "mse" and (m.time_sampling != default.time_sampling or m.time_shift != default.time_shift
                                  or m.sample_timesteps != default.sample_timesteps):
         raise ConfigError("model.time_sampling/time_shift/sample_timesteps: the mse objective has no noise levels")
+    if t.lr_scheduler_type != "cosine_with_min_lr" and t.min_lr != TrainConfig().min_lr:
+        raise ConfigError(f"train.min_lr: only used by lr_scheduler_type=cosine_with_min_lr, not '{t.lr_scheduler_type}'")
+    if d.use_cache == "false" and d.cache_dir:
+        raise ConfigError("data.cache_dir: the target-feature cache is off (data.use_cache=false)")
     if t.task != "decoder":
         for name in ("decoder_preset", "decoder_kwargs", "decoder_null_prob", "decoder_feature_noise"):
             if getattr(m, name) != getattr(default, name):

@@ -14,8 +14,9 @@ positions and a batch gives the same conditioning as one prompt at a time)::
                   <assistant-open> [IMG] q_1 ... q_64
                                          ^ query embeddings are spliced in by the model
 
-The tokenizer-level work (template, truncation by tokens, padding) is here; the model only appends
-the learnable query embeddings after ``[IMG]``.
+The user message (instruction + caption) is tokenised as one string, as the original does, so the ids
+equal the original's (tests/test_golden_original.py). The tokenizer-level work (template, truncation by
+tokens, padding) is here; the model only appends the learnable query embeddings after ``[IMG]``.
 """
 from __future__ import annotations
 

@@ -36,7 +36,7 @@ def euler_sample(net: Callable, x: torch.Tensor, cond: torch.Tensor, cond_mask: 
         t = sigmas[i:i + 1].float() * 1000.0
         if integer_timesteps:
             t = t.long().float()
-        t = t.to(x.device).expand(x_in.shape[0])
+        t = t.to(x.device).repeat(x_in.shape[0])
         v = net(x_in.to(cond.dtype), t, cond_in, mask_in).float()
         if use_cfg:
             v_u, v_c = v[:b], v[b:]

@@ -46,6 +46,8 @@ def test_presets_and_overrides(tmp_path):
     (["train.task=decoder", "data.eval_prompts=p.jsonl"], "data.eval_prompts: the decoder task"),
     (["model.sample_timesteps=round"], "model.sample_timesteps: 'round' is not one of"),
     (["model.inference_max_length=10"], "model.inference_max_length: 0 (no cut)"),
+    (["train.lr_scheduler_type=cosine", "train.min_lr=1e-6"], "train.min_lr: only used by"),
+    (["data.use_cache=false", "data.cache_dir=/x"], "data.cache_dir: the target-feature cache is off"),
 ])
 def test_bad_config_is_one_line_naming_the_field(override, fragment):
     with pytest.raises(ConfigError) as e:
