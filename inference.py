@@ -93,9 +93,14 @@ def main(argv=None) -> int:
     demo = not prompts and image is None
     if demo:
         prompts = ["A photo of cute cat"]
-    n = args.num_images or (4 if demo else 1)
-    if n < 1:
-        print("error: --num-images must be >= 1", file=sys.stderr)
+    n = args.num_images if args.num_images is not None else (4 if demo else 1)
+    for flag, value in (("--num-images", n), ("--steps", args.steps), ("--decoder-steps", args.decoder_steps),
+                        ("--max-new-tokens", args.max_new_tokens)):
+        if value is not None and value < 1:
+            print(f"error: {flag} must be >= 1, got {value}", file=sys.stderr)
+            return 2
+    if args.embeddings_only and (args.height or args.width):
+        print("error: --height/--width size the pixel decoder's images; --embeddings-only skips it", file=sys.stderr)
         return 2
 
     import blip3o  # noqa: F401
@@ -113,6 +118,12 @@ def main(argv=None) -> int:
         return 2
     if args.cpu_offload:
         pipe.enable_model_cpu_offload()
+    if not args.question and not args.embeddings_only:
+        try:
+            pipe.check_image_size(args.height, args.width)
+        except ValueError as e:
+            print(f"error: --height/--width: {e}", file=sys.stderr)
+            return 2
 
     if args.question:
         print(pipe.understand(image, args.question, max_new_tokens=args.max_new_tokens))

@@ -85,8 +85,12 @@ class ModelConfig:
     # Sampling defaults (reference §6).
     num_inference_steps: int = 30
     guidance_scale: float = 3.0
+    # DiT timesteps at sampling: integer = 1000 sigma truncated, as the original (the values its uniform-grid
+    # training saw); float = exact; auto = integer when time_sampling=uniform and time_shift=1, else float.
+    sample_timesteps: str = "auto"
     gradient_checkpointing: bool = True
-    max_length: int = 512
+    max_length: int = 512  # training prompts (with the queries) are cut to this many tokens, as the original
+    inference_max_length: int = 0  # 0 = prompts are never cut at inference (the original); > 0 cuts like max_length
 
 
 @dataclass
@@ -182,7 +186,7 @@ CHOICES = {
     ("model", "backbone"): BACKBONES, ("model", "target"): TARGETS, ("model", "objective"): OBJECTIVES,
     ("model", "decoder"): DECODERS, ("model", "decoder_preset"): ("tiny", "official"), ("model", "recipe"): RECIPES,
     ("model", "generator"): GENERATORS,
-    ("model", "time_sampling"): ("uniform", "logit_normal"), ("model", "target_norm"): ("none", "channel"),
+    ("model", "time_sampling"): ("uniform", "logit_normal"), ("model", "sample_timesteps"): ("auto", "integer", "float"), ("model", "target_norm"): ("none", "channel"),
     ("model", "target_preset"): ("official", "tiny"), ("model", "dit_preset"): ("official", "tiny", "small"),
     ("data", "use_cache"): ("auto", "true", "false"), ("data", "json_loader"): ("auto", "json", "datasets"),
     ("train", "mixed_precision"): ("bf16", "fp16", "no"), ("train", "task"): ("t2i", "decoder", "clip"), ("train", "report_to"): ("none", "wandb"),
@@ -245,6 +249,16 @@ def _coerce(value: Any, tp, where: str) -> Any:
     return value
 
 
+def _expand_env(value: Any) -> Any:
+    if isinstance(value, str) and "$" in value:
+        return os.path.expandvars(value)
+    if isinstance(value, list):
+        return [_expand_env(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _expand_env(v) for k, v in value.items()}
+    return value
+
+
 def _set(section_obj, section: str, key: str, value: Any) -> None:
     cls = type(section_obj)
     hints = typing.get_type_hints(cls)
@@ -255,8 +269,7 @@ def _set(section_obj, section: str, key: str, value: Any) -> None:
     where = f"{section}.{key}"
     if (section, key) == ("data", "use_cache") and isinstance(value, bool):
         value = "true" if value else "false"
-    if isinstance(value, str) and "$" in value:
-        value = os.path.expandvars(value)  # ${IMG_FOLDER} etc., as the original launch scripts use
+    value = _expand_env(value)  # ${IMG_FOLDER} etc., as the original launch scripts use
     value = _coerce(value, hints[key], where)
     choices = CHOICES.get((section, key))
     if choices is not None and value not in choices:
@@ -353,14 +366,56 @@ def validate(cfg: ExperimentConfig) -> None:
         _validate_fusion(m)
     elif m.recipe == "joint" and m.text_loss_weight <= 0:
         raise ConfigError("model.text_loss_weight: the joint recipe needs a positive text loss weight")
+    _refuse_ignored(cfg)
     if t.max_minutes < 0:
         raise ConfigError(f"train.max_minutes: must be >= 0 (0 = no time limit), got {t.max_minutes}")
     if t.learning_rate <= 0:
         raise ConfigError(f"train.learning_rate: must be > 0, got {t.learning_rate}")
     if t.per_device_train_batch_size < 1:
         raise ConfigError(f"train.per_device_train_batch_size: must be >= 1, got {t.per_device_train_batch_size}")
+    if m.inference_max_length < 0 or 0 < m.inference_max_length <= m.num_queries + 16:
+        raise ConfigError(f"model.inference_max_length: 0 (no cut) or > num_queries + 16, got {m.inference_max_length}")
     if m.max_length <= m.num_queries + 16:
         raise ConfigError(f"model.max_length: {m.max_length} leaves no room for the prompt next to {m.num_queries} queries")
+
+
+def _refuse_ignored(cfg: ExperimentConfig) -> None:
+    """A field set to a non-default value where nothing reads it is an error, not a silent no-op."""
+    m, d, t = cfg.model, cfg.data, cfg.train
+    default = ModelConfig()
+    if m.lora_rank < 0:
+        raise ConfigError(f"model.lora_rank: must be >= 0, got {m.lora_rank}")
+    if m.generator == "blip3o":
+        if m.lora_rank > 0 and m.recipe != "joint":
+            raise ConfigError("model.lora_rank: the sequential recipe keeps the backbone frozen; LoRA adapters train "
+                              "the backbone in model.recipe=joint (or generator=transfusion)")
+        if m.recipe != "joint" and m.text_loss_weight > 0:
+            raise ConfigError("model.text_loss_weight: the sequential recipe has no text loss (set model.recipe=joint)")
+        for name in ("image_loss_weight", "fusion_patch_size"):
+            if getattr(m, name) != getattr(default, name):
+                raise ConfigError(f"model.{name}: applies to generator=transfusion|lmfusion, not blip3o")
+    else:
+        if m.recipe != "sequential" or m.num_queries != default.num_queries or m.dit:
+            raise ConfigError(f"model.recipe/num_queries/dit: the {m.generator} generator has no queries or DiT "
+                              "(its backbone denoises the image); leave them at their defaults")
+    if m.lora_rank == 0 and m.lora_alpha != default.lora_alpha:
+        raise ConfigError("model.lora_alpha: only used with model.lora_rank > 0")
+    if m.time_sampling != "logit_normal" and (m.logit_mean, m.logit_std) != (default.logit_mean, default.logit_std):
+        raise ConfigError("model.logit_mean/logit_std: only used with model.time_sampling=logit_normal")
+    if m.objective == "mse" and (m.time_sampling != default.time_sampling or m.time_shift != default.time_shift
+                                 or m.sample_timesteps != default.sample_timesteps):
+        raise ConfigError("model.time_sampling/time_shift/sample_timesteps: the mse objective has no noise levels")
+    if t.lr_scheduler_type != "cosine_with_min_lr" and t.min_lr != TrainConfig().min_lr:
+        raise ConfigError(f"train.min_lr: only used by lr_scheduler_type=cosine_with_min_lr, not '{t.lr_scheduler_type}'")
+    if d.use_cache == "false" and d.cache_dir:
+        raise ConfigError("data.cache_dir: the target-feature cache is off (data.use_cache=false)")
+    if t.task != "decoder":
+        for name in ("decoder_preset", "decoder_kwargs", "decoder_null_prob", "decoder_feature_noise"):
+            if getattr(m, name) != getattr(default, name):
+                raise ConfigError(f"model.{name}: only used when training a decoder (train.task=decoder)")
+    elif d.eval_prompts:
+        raise ConfigError("data.eval_prompts: the decoder task samples reconstructions of training images, not "
+                          "prompts; unset it")
 
 
 def _validate_fusion(m: ModelConfig) -> None:
@@ -371,8 +426,6 @@ def _validate_fusion(m: ModelConfig) -> None:
         raise ConfigError(f"model.objective: the {g} generator is trained by flow matching; set model.objective=flow")
     if m.fusion_patch_size < 1:
         raise ConfigError(f"model.fusion_patch_size: must be >= 1, got {m.fusion_patch_size}")
-    if m.lora_rank < 0:
-        raise ConfigError(f"model.lora_rank: must be >= 0, got {m.lora_rank}")
     if g == "lmfusion" and m.lora_rank > 0:
         raise ConfigError("model.lora_rank: lmfusion trains a full image expert and keeps the text weights frozen; set 0")
     if g == "lmfusion" and m.text_loss_weight > 0:

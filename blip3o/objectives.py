@@ -6,7 +6,10 @@ target x0 (B, C, h, w) and t on the 0..1000 scale (1000 = pure noise, BLIP3-o's 
 Flow matching, exactly as the reference (§1.6): sigma uniform on the 1000-step grid
 {0.001, ..., 1.0}; x_t = (1 - sigma) x0 + sigma eps; the net predicts the velocity eps - x0 at
 t = 1000 sigma; the loss is the fp32 mean squared error. Options (not the reference default):
-logit-normal sigma sampling (SD3) and a sigma shift.
+logit-normal sigma sampling (SD3) and a sigma shift. Sampling follows the reference too: sigmas
+``np.linspace(1, 1/steps, steps)`` in float64 then float32, and the DiT timestep 1000 sigma truncated to
+an integer (``sample_timesteps``: ``auto`` does that exactly when training drew timesteps from the
+integer grid, i.e. uniform sampling without shift, and passes floats for continuous schedules).
 
 MSE is a real deterministic regressor (the reference's "MSE" was MSE(x, x.detach()) == 0): the same
 network sees a zero canvas at t = 0 and predicts x0 directly from the conditioning, so the ablation
@@ -18,6 +21,7 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -54,25 +58,41 @@ class FlowMatching:
     logit_mean: float = 0.0
     logit_std: float = 1.0
     shift: float = 1.0
+    sample_timesteps: str = "auto"  # auto | integer (reference) | float
     deterministic: bool = False
+
+    @property
+    def integer_timesteps(self) -> bool:
+        if self.sample_timesteps not in ("auto", "integer", "float"):
+            raise ValueError(f"unknown sample_timesteps '{self.sample_timesteps}' (auto | integer | float)")
+        if self.sample_timesteps == "auto":  # trained on the integer grid -> sample on integers
+            return self.time_sampling == "uniform" and self.shift == 1.0
+        return self.sample_timesteps == "integer"
 
     def sample_sigma(self, batch: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         # Drawn on CPU like the reference, so runs are reproducible across devices.
         if self.time_sampling == "uniform":
-            u = torch.rand(batch, generator=generator)
-            idx = (u * NUM_TRAIN_TIMESTEPS).long()
-            sigma = (NUM_TRAIN_TIMESTEPS - idx).float() / NUM_TRAIN_TIMESTEPS  # timesteps 1000..1 -> sigma 1..0.001
-        elif self.time_sampling == "logit_normal":
+            return self.sigma_from_uniform(torch.rand(batch, generator=generator))
+        if self.time_sampling == "logit_normal":
             sigma = torch.sigmoid(self.logit_mean + self.logit_std * torch.randn(batch, generator=generator))
-        else:
-            raise ValueError(f"unknown time_sampling '{self.time_sampling}'")
-        return shift_sigma(sigma, self.shift)
+            return shift_sigma(sigma, self.shift)
+        raise ValueError(f"unknown time_sampling '{self.time_sampling}'")
+
+    def sigma_from_uniform(self, u: torch.Tensor) -> torch.Tensor:
+        """u ~ U[0, 1) -> index floor(1000 u) into the 1000-step grid -> timesteps 1000..1 -> sigma 1..0.001."""
+        idx = (u * NUM_TRAIN_TIMESTEPS).long()
+        return shift_sigma((NUM_TRAIN_TIMESTEPS - idx).float() / NUM_TRAIN_TIMESTEPS, self.shift)
 
     def loss(self, net: Net, x0: torch.Tensor, cond: torch.Tensor, cond_mask: Optional[torch.Tensor] = None,
              generator: Optional[torch.Generator] = None) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-        b = x0.shape[0]
-        sigma = self.sample_sigma(b, generator).to(x0.device)
+        sigma = self.sample_sigma(x0.shape[0], generator).to(x0.device)
         noise = torch.randn(x0.shape, generator=generator).to(device=x0.device, dtype=x0.dtype)
+        return self.loss_at(net, x0, cond, cond_mask, sigma, noise)
+
+    def loss_at(self, net: Net, x0: torch.Tensor, cond: torch.Tensor, cond_mask: Optional[torch.Tensor],
+                sigma: torch.Tensor, noise: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        """The loss at given noise levels and noise (what ``loss`` draws)."""
+        b = x0.shape[0]
         s = sigma.view(b, *([1] * (x0.dim() - 1))).to(x0.dtype)
         xt = (1 - s) * x0 + s * noise
         pred = net(xt, sigma * NUM_TRAIN_TIMESTEPS, cond, cond_mask)
@@ -81,8 +101,10 @@ class FlowMatching:
         return loss, {"flow_loss": loss.detach(), "sigma_mean": sigma.mean().detach()}
 
     def sigmas(self, steps: int) -> torch.Tensor:
-        # Reference schedule: linspace(1, 1/steps, steps) then a final 0.
-        s = torch.linspace(1.0, 1.0 / steps, steps)
+        # Reference schedule: linspace(1, 1/steps, steps) then a final 0, computed in float64 as numpy
+        # does there (torch.linspace in float32 is one ulp off on most of the 30 values, which moves
+        # truncated timesteps, e.g. 499 instead of 500).
+        s = torch.from_numpy(np.linspace(1.0, 1.0 / steps, steps)).float()
         return torch.cat([shift_sigma(s, self.shift), torch.zeros(1)])
 
     @torch.no_grad()
@@ -92,7 +114,8 @@ class FlowMatching:
         from blip3o.sampling import euler_sample
 
         x = randn_like_per_sample(shape, generator, cond.device, torch.float32)
-        return euler_sample(net, x, cond, cond_mask, self.sigmas(num_steps), guidance_scale, progress=progress)
+        return euler_sample(net, x, cond, cond_mask, self.sigmas(num_steps), guidance_scale, progress=progress,
+                            integer_timesteps=self.integer_timesteps)
 
 
 @OBJECTIVES.register("mse")

@@ -105,6 +105,19 @@ class Blip3oPipeline:
         seed = torch.seed() % (2 ** 31) if seed is None else seed
         return [torch.Generator().manual_seed(seed + i) for i in range(n)]
 
+    def check_image_size(self, height: Optional[int], width: Optional[int]) -> None:
+        """Raises ValueError (one line) unless the pixel stage can make height x width images."""
+        if height is None and width is None:
+            return
+        if self.decoder is not None:
+            d = self.decoder.default_image_size
+            self.decoder.check_image_size(int(height or d), int(width or d))
+        elif self.has_decoder():
+            raise ValueError("this checkpoint's images are its VAE latents decoded at their trained size; "
+                             "height/width cannot change it")
+        else:
+            raise ValueError("height/width need a pixel decoder, and this checkpoint has none")
+
     def has_decoder(self) -> bool:
         return self.decoder is not None or self.model.config.target == "vae"
 

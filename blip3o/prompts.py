@@ -14,8 +14,9 @@ positions and a batch gives the same conditioning as one prompt at a time)::
                   <assistant-open> [IMG] q_1 ... q_64
                                          ^ query embeddings are spliced in by the model
 
-The tokenizer-level work (template, truncation by tokens, padding) is here; the model only appends
-the learnable query embeddings after ``[IMG]``.
+The user message (instruction + caption) is tokenised as one string, as the original does, so the ids
+equal the original's (tests/test_golden_original.py). The tokenizer-level work (template, truncation by
+tokens, padding) is here; the model only appends the learnable query embeddings after ``[IMG]``.
 """
 from __future__ import annotations
 
@@ -90,33 +91,52 @@ def _ids(tokenizer, text: str) -> List[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+def generation_head_len(tokenizer, template: ChatTemplate = CHATML, instruction: str = GEN_INSTRUCTION) -> int:
+    """Tokens before the caption's first token. The instruction's trailing space belongs to the caption
+    (``': A photo'`` -> ``[':', 'ĠA', 'Ġphoto']``), so the head ends at the ``':'``."""
+    return len(_ids(tokenizer, template.prefix() + instruction.rstrip(" ")))
+
+
+def generation_prompt_ids(tokenizer, caption: str, template: ChatTemplate = CHATML,
+                          max_length: Optional[int] = 512, num_queries: int = 64,
+                          instruction: str = GEN_INSTRUCTION) -> List[int]:
+    """One generation prompt, ``... user\n{instruction}{caption}<|im_end|>\n<|im_start|>assistant\n[IMG]``.
+
+    The whole user message is tokenised at once, as the original does in training and at inference
+    (reference §1.2, §6), so the caption's first word keeps its leading-space token. ``max_length``
+    counts the whole sequence including the ``num_queries`` query slots the model appends; a longer
+    prompt loses the end of its caption (by tokens, never the template). ``None`` keeps every token, as
+    the original's inference does.
+    """
+    if not isinstance(caption, str):
+        raise TypeError(f"caption must be a string, got {type(caption).__name__}")
+    img_id = tokenizer.convert_tokens_to_ids(IMG_START_TOKEN)
+    if img_id is None or img_id == tokenizer.unk_token_id:
+        raise ValueError(f"tokenizer has no {IMG_START_TOKEN} token; call blip3o.prompts.add_special_tokens first")
+    # The suffix starts with a special token (<|im_end|>, <|eot_id|>), where the tokenizer splits anyway,
+    # so tokenising it apart gives the ids of the whole rendered string.
+    user = _ids(tokenizer, template.prefix() + instruction + caption)
+    tail = _ids(tokenizer, template.suffix()) + [img_id]
+    if max_length is not None:
+        budget = max_length - num_queries - len(tail)
+        if budget <= generation_head_len(tokenizer, template, instruction):
+            raise ValueError(f"max_length={max_length} leaves no room for a caption ({num_queries} queries + template)")
+        user = user[:budget]
+    return user + tail
+
+
 def encode_generation_prompts(
     tokenizer,
     captions: Sequence[str],
     template: ChatTemplate = CHATML,
-    max_length: int = 512,
+    max_length: Optional[int] = 512,
     num_queries: int = 64,
     instruction: str = GEN_INSTRUCTION,
 ) -> Dict[str, torch.Tensor]:
-    """Tokenizes captions into left-padded generation prompts ending in ``[IMG]``.
-
-    ``max_length`` counts the whole sequence including the ``num_queries`` query slots the model
-    appends; captions are cut by tokens (not characters) to fit. Returns ``input_ids`` and
-    ``attention_mask`` of shape (B, L) *without* the query slots.
-    """
-    img_id = tokenizer.convert_tokens_to_ids(IMG_START_TOKEN)
-    if img_id is None or img_id == tokenizer.unk_token_id:
-        raise ValueError(f"tokenizer has no {IMG_START_TOKEN} token; call blip3o.prompts.add_special_tokens first")
-    head = _ids(tokenizer, template.prefix() + instruction)
-    tail = _ids(tokenizer, template.suffix()) + [img_id]
-    budget = max_length - num_queries - len(head) - len(tail)
-    if budget < 1:
-        raise ValueError(f"max_length={max_length} leaves no room for a caption ({num_queries} queries + template)")
-    seqs = []
-    for c in captions:
-        if not isinstance(c, str):
-            raise TypeError(f"caption must be a string, got {type(c).__name__}")
-        seqs.append(head + _ids(tokenizer, c)[:budget] + tail)
+    """Captions -> left-padded generation prompts ending in ``[IMG]`` (:func:`generation_prompt_ids` each), the
+    one builder of training batches and inference. Returns ``input_ids`` and ``attention_mask`` of shape (B, L)
+    *without* the query slots."""
+    seqs = [generation_prompt_ids(tokenizer, c, template, max_length, num_queries, instruction) for c in captions]
     return left_pad(seqs, tokenizer.pad_token_id)
 
 
@@ -164,9 +184,10 @@ def encode_edit_prompts(
     return left_pad(seqs, tokenizer.pad_token_id)
 
 
-def tokenize_for_generation(tokenizer, prompts, template_name: str, max_length: int, num_slots: int):
+def tokenize_for_generation(tokenizer, prompts, template_name: str, max_length: Optional[int], num_slots: int):
     """Validated user prompts -> the generation batch (a model's ``tokenize_prompts``): ``num_slots`` is what
-    follows the prompt (BLIP3-o's queries, or a fusion model's image block)."""
+    follows the prompt (BLIP3-o's queries, or a fusion model's image block); ``max_length`` None (or 0) cuts
+    nothing."""
     if tokenizer is None:
         raise ValueError("pass tokenizer= or load the model with from_pretrained from a directory with tokenizer files")
     if isinstance(prompts, str):
@@ -174,5 +195,5 @@ def tokenize_for_generation(tokenizer, prompts, template_name: str, max_length: 
     for p in prompts:
         if not isinstance(p, str) or not p.strip():
             raise ValueError("prompts must be non-empty strings")
-    return encode_generation_prompts(tokenizer, list(prompts), get_template(template_name), max_length=max_length,
-                                     num_queries=num_slots)
+    return encode_generation_prompts(tokenizer, list(prompts), get_template(template_name),
+                                     max_length=max_length or None, num_queries=num_slots)

@@ -2,8 +2,9 @@
 
 One batched forward per step: the unconditional half (conditioning zeroed, as trained with CFG
 dropout) and the conditional half go through the net together, v = v_u + g (v_c - v_u), then
-x <- x + (sigma_next - sigma) v. Timesteps are passed as floats (1000 sigma); the reference
-truncated them to integers at inference but trained on floats, a mismatch we do not copy.
+x <- x + (sigma_next - sigma) v. The DiT sees t = 1000 sigma, either truncated to an integer as the
+reference does at inference (its training timesteps are the integers 1..1000 of the 1000-step grid, so
+those are the values its weights know) or as the exact float (``integer_timesteps=False``).
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import torch
 @torch.no_grad()
 def euler_sample(net: Callable, x: torch.Tensor, cond: torch.Tensor, cond_mask: Optional[torch.Tensor],
                  sigmas: torch.Tensor, guidance_scale: float = 3.0,
-                 progress: Optional[Callable] = None) -> torch.Tensor:
+                 progress: Optional[Callable] = None, integer_timesteps: bool = False) -> torch.Tensor:
     """x: initial noise (B, C, h, w) at sigmas[0]; returns the sample at sigmas[-1] (float32)."""
     b = x.shape[0]
     use_cfg = guidance_scale != 1.0
@@ -31,7 +32,11 @@ def euler_sample(net: Callable, x: torch.Tensor, cond: torch.Tensor, cond_mask: 
     for i in steps:
         s, s_next = float(sigmas[i]), float(sigmas[i + 1])
         x_in = torch.cat([x, x]) if use_cfg else x
-        t = torch.full((x_in.shape[0],), s * 1000.0, device=x.device)
+        # float32 product as diffusers' scheduler forms its timesteps, then (reference) truncation
+        t = sigmas[i:i + 1].float() * 1000.0
+        if integer_timesteps:
+            t = t.long().float()
+        t = t.to(x.device).repeat(x_in.shape[0])
         v = net(x_in.to(cond.dtype), t, cond_in, mask_in).float()
         if use_cfg:
             v_u, v_c = v[:b], v[b:]

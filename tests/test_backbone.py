@@ -40,6 +40,23 @@ def test_generation_prompt_is_one_open_assistant_turn(tiny_qwen_dir):
                     + GEN_INSTRUCTION + "a red circle<|im_end|>\n<|im_start|>assistant\n[IMG]")
 
 
+@pytest.mark.parametrize("caption,ids", [  # from ': ' on; the original's ids (reference §6, golden outputs)
+    ("A photo of cute cat", [25, 362, 6548, 315, 18838, 8251]),  # ': A' -> [':', 'ĠA'], not [':', 'Ġ', 'A']
+    (" starts with a space", [25, 220, 8471, 448, 264, 3550]),
+    ("猫 and a dog, 3 apples", [25, 10236, 234, 104, 323, 264, 5562, 11, 220, 18, 40676]),
+])
+def test_whole_user_message_is_tokenised_at_once(tiny_qwen_dir, caption, ids):
+    from blip3o.data.collate import BatchCollator
+    from blip3o.prompts import tokenize_for_generation
+
+    tok = AutoTokenizer.from_pretrained(tiny_qwen_dir)
+    tail = [151645, 198, 151644, 77091, 198, 151665]  # <|im_end|>\n<|im_start|>assistant\n[IMG]
+    infer = tokenize_for_generation(tok, [caption], "chatml", 0, 64)["input_ids"][0].tolist()
+    train = BatchCollator(tok, CHATML, num_queries=64, max_length=512)(
+        [{"kind": "gen", "caption": caption, "key": "k", "source": "s", "pixel_values": torch.zeros(3, 2, 2)}])
+    assert infer[22:] == ids + tail and train["input_ids"][0].tolist() == infer  # one builder for both
+
+
 def test_caption_capped_by_tokens_and_left_padded(tiny_qwen_dir):
     tok = AutoTokenizer.from_pretrained(tiny_qwen_dir)
     enc = encode_generation_prompts(tok, ["word " * 500, "short"], CHATML, max_length=128, num_queries=64)

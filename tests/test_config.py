@@ -32,6 +32,22 @@ def test_presets_and_overrides(tmp_path):
     (["max_steps=3"], "must name its section"),
     (["preset=huge"], "preset: 'huge' is not one of"),
     (["model.cfg_dropout=1.5"], "model.cfg_dropout: must be in [0, 1)"),
+    # accepted-but-unused fields are refused (no silent no-ops)
+    (["model.lora_rank=8"], "model.lora_rank: the sequential recipe keeps the backbone frozen"),
+    (["model.text_loss_weight=1.0"], "model.text_loss_weight: the sequential recipe has no text loss"),
+    (["model.image_loss_weight=2.0"], "model.image_loss_weight: applies to generator=transfusion|lmfusion"),
+    (["model.fusion_patch_size=4"], "model.fusion_patch_size: applies to generator=transfusion|lmfusion"),
+    (["model.generator=transfusion", "model.target=vae", "model.num_queries=16"], "has no queries or DiT"),
+    (["model.generator=transfusion", "model.target=vae", "model.dit={dim: 64}"], "has no queries or DiT"),
+    (["model.lora_alpha=32"], "model.lora_alpha: only used with model.lora_rank > 0"),
+    (["model.logit_std=2.0"], "only used with model.time_sampling=logit_normal"),
+    (["model.objective=mse", "model.sample_timesteps=float"], "the mse objective has no noise levels"),
+    (["model.decoder_feature_noise=0.1"], "only used when training a decoder"),
+    (["train.task=decoder", "data.eval_prompts=p.jsonl"], "data.eval_prompts: the decoder task"),
+    (["model.sample_timesteps=round"], "model.sample_timesteps: 'round' is not one of"),
+    (["model.inference_max_length=10"], "model.inference_max_length: 0 (no cut)"),
+    (["train.lr_scheduler_type=cosine", "train.min_lr=1e-6"], "train.min_lr: only used by"),
+    (["data.use_cache=false", "data.cache_dir=/x"], "data.cache_dir: the target-feature cache is off"),
 ])
 def test_bad_config_is_one_line_naming_the_field(override, fragment):
     with pytest.raises(ConfigError) as e:

@@ -104,6 +104,10 @@ def test_official_layout_with_diffusion_decoder_generates(tmp_path):
     (["{ckpt}", "--image", "{bad}", "--question", "hi"], "cannot read image"),
     (["{ckpt}", "--prompt", "  "], "empty prompt"),
     (["{ckpt}", "--question", "hi"], "--question needs --image"),
+    (["{ckpt}", "--num-images", "0"], "--num-images must be >= 1, got 0"),
+    (["{ckpt}", "--steps", "-3"], "--steps must be >= 1, got -3"),
+    (["{ckpt}", "--height", "37"], "positive multiples of"),
+    (["{ckpt}", "--width", "64", "--embeddings-only"], "--embeddings-only skips it"),
 ])
 def test_cli_errors_are_one_line(tiny_ckpt, tmp_path, args, message):
     bad = tmp_path / "bad.png"

@@ -127,3 +127,25 @@ def test_cfg_dropout_zeroes_whole_conditioning():
           generator=torch.Generator().manual_seed(0))
     per_sample = seen[0].flatten(1).abs().sum(1)
     assert (per_sample == 0).any() and (per_sample > 0).any()
+
+
+def test_sampler_feeds_the_originals_integer_timesteps():
+    """sigma grid np.linspace(1, 1/30, 30) in float64 -> float32 (torch.linspace in float32 would floor to 499 at
+    step 15), DiT timestep 1000 sigma truncated; floats on request or for continuous training schedules."""
+    from blip3o.objectives import FlowMatching
+
+    seen = []
+
+    def net(x, t, cond, mask):
+        seen.append(t[0].item())
+        return torch.zeros_like(x)
+
+    flow = FlowMatching()
+    assert flow.integer_timesteps and not FlowMatching(sample_timesteps="float").integer_timesteps
+    assert not FlowMatching(time_sampling="logit_normal").integer_timesteps
+    flow.sample(net, torch.zeros(1, 4, 8), None, (1, 2, 2, 2), num_steps=30, guidance_scale=1.0)
+    assert seen[:4] == [1000, 966, 933, 900] and seen[15] == 500 and all(t == int(t) for t in seen)
+    seen.clear()
+    FlowMatching(sample_timesteps="float").sample(net, torch.zeros(1, 4, 8), None, (1, 2, 2, 2), num_steps=30,
+                                                  guidance_scale=1.0)
+    assert seen[1] == pytest.approx(966.6667, abs=1e-3)

@@ -142,3 +142,28 @@ def test_max_minutes_stops_saves_and_counts_across_resume(toy_data, tmp_path):
         from blip3o.config import load_config
 
         load_config(ROOT / "configs" / "toy.yaml", ["train.max_minutes=-1"])
+
+
+class _WritesAFile:
+    """A pickle that runs code when loaded without weights_only: it would create `marker`."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def test_resume_refuses_a_checkpoint_pickling_code(toy_data, tmp_path):
+    out = tmp_path / "run"
+    r = run(train_cmd(toy_data, out, steps=3))
+    assert r.returncode == 0, r.stderr[-2000:]
+    rank = out / "checkpoint-3" / "rank0.pt"
+    state = torch.load(rank, weights_only=False)  # our own file: trusted here
+    marker = tmp_path / "ran"
+    state["data"] = {"payload": _WritesAFile(marker)}
+    torch.save(state, rank)
+    r = run(train_cmd(toy_data, out, "train.resume_from_checkpoint=latest", steps=4))
+    assert r.returncode == 1 and not marker.exists()
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: refusing to load") and "rank0.pt" in last, r.stderr[-2000:]

@@ -312,6 +312,20 @@ class FeatureDecoderPipeline(DiffusionPipeline):
         return vae_scale_factor(self.vae)
 
     @property
+    def size_multiple(self) -> int:
+        """Heights and widths must be multiples of this: the VAE's factor times the denoiser's own downsampling
+        (a UNet halves the latent once per down block after the first; a transformer groups patch_size pixels)."""
+        cfg = self.denoiser.config
+        blocks = cfg.get("down_block_types")
+        down = 2 ** (len(blocks) - 1) if blocks else int(cfg.get("patch_size") or 1)
+        return self.vae_scale_factor * down
+
+    def check_image_size(self, height: int, width: int) -> None:
+        f = self.size_multiple
+        if height < f or width < f or height % f or width % f:
+            raise ValueError(f"height and width must be positive multiples of {f} for this decoder, got {height}x{width}")
+
+    @property
     def default_image_size(self) -> int:
         return int(self.denoiser.config.sample_size) * self.vae_scale_factor
 
@@ -371,9 +385,8 @@ class FeatureDecoderPipeline(DiffusionPipeline):
 
     # -- sampling -----------------------------------------------------------------------------------------------
     def prepare_latents(self, batch: int, height: int, width: int, generator: GeneratorArg, device, dtype):
+        self.check_image_size(height, width)
         f = self.vae_scale_factor
-        if height % f or width % f:
-            raise ValueError(f"height and width must be multiples of {f}, got {height}x{width}")
         shape = (batch, vae_latent_channels(self.vae), height // f, width // f)
         # Noise is drawn in float32 on the generator's device, so a seed gives the same start in any dtype.
         return randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)

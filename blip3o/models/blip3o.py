@@ -62,9 +62,12 @@ class Blip3oConfig(PretrainedConfig):
         num_inference_steps: int = 30,
         guidance_scale: float = 3.0,
         max_prompt_length: int = 512,
+        inference_max_length: int = 0,
         chat_template: str = "chatml",
         img_token_id: Optional[int] = None,
         attn_implementation_backbone: str = "sdpa",
+        lora_rank: int = 0,
+        lora_alpha: float = 16.0,
         **kwargs,
     ):
         self.backbone = backbone
@@ -87,10 +90,13 @@ class Blip3oConfig(PretrainedConfig):
         self.decoder_path = decoder_path
         self.num_inference_steps = num_inference_steps
         self.guidance_scale = guidance_scale
-        self.max_prompt_length = max_prompt_length
+        self.max_prompt_length = max_prompt_length  # training prompts (queries included) are cut to this
+        self.inference_max_length = inference_max_length  # 0: never cut at inference, as the original
         self.chat_template = chat_template
         self.img_token_id = img_token_id
         self.attn_implementation_backbone = attn_implementation_backbone
+        self.lora_rank = lora_rank  # joint recipe: > 0 trains peft LoRA adapters instead of the whole backbone
+        self.lora_alpha = lora_alpha
         super().__init__(**kwargs)
 
     @property
@@ -192,6 +198,8 @@ class Blip3oForConditionalGeneration(GeneratorModelMixin, PreTrainedModel):
         self.adapter = get_backbone(config.backbone)
         self.backbone = backbone if backbone is not None else self.adapter.from_config(
             config.backbone_config, attn_implementation=config.attn_implementation_backbone)
+        if config.lora_rank > 0:
+            self.add_lora(config.lora_rank, config.lora_alpha)
         hidden = self.adapter.hidden_size(self.backbone)
         self.latent_queries = nn.Parameter(torch.randn(1, config.num_queries, hidden) * config.query_init_std)
         self.dit = NextDiT(DiTConfig.from_dict(config.dit_config))
@@ -214,9 +222,23 @@ class Blip3oForConditionalGeneration(GeneratorModelMixin, PreTrainedModel):
         # scheme, queries are N(0, std)); transformers' generic re-init would clobber them.
         pass
 
+    def add_lora(self, rank: int, alpha: float) -> None:
+        """peft LoRA adapters on the language model's attention and MLP projections (as transfusion's)."""
+        from peft import LoraConfig, inject_adapter_in_model
+
+        from blip3o.models.fusion import LORA_TARGETS
+
+        inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0,
+                                           target_modules=list(LORA_TARGETS)), self.adapter.decoder(self.backbone).layers)
+        self.config.lora_rank, self.config.lora_alpha = rank, alpha
+
     def apply_recipe(self) -> None:
-        """Sequential (paper): only queries + DiT train. Joint: the backbone trains too."""
+        """Sequential (paper): only queries + DiT train. Joint: the backbone trains too (with
+        ``lora_rank`` > 0 only its LoRA adapters)."""
         self.backbone.requires_grad_(not self.config.freeze_backbone)
+        if not self.config.freeze_backbone and getattr(self.config, "lora_rank", 0) > 0:
+            for n, p in self.backbone.named_parameters():
+                p.requires_grad_("lora_" in n)
         self.latent_queries.requires_grad_(True)
         self.dit.requires_grad_(True)
 
@@ -318,7 +340,7 @@ class Blip3oForConditionalGeneration(GeneratorModelMixin, PreTrainedModel):
     # -- generation -----------------------------------------------------------------------------
     def tokenize_prompts(self, prompts: Sequence[str], tokenizer=None) -> Dict[str, torch.Tensor]:
         return tokenize_for_generation(tokenizer or self.tokenizer, prompts, self.config.chat_template,
-                                       self.config.max_prompt_length, self.config.num_queries)
+                                       self.config.inference_max_length, self.config.num_queries)
 
     @torch.no_grad()
     def generate_features(

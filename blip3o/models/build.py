@@ -58,6 +58,11 @@ def dit_config_for(cfg: ModelConfig, channels: int, grid, hidden: int) -> dict:
     return d
 
 
+def objective_kwargs_for(cfg: ModelConfig) -> dict:
+    return dict(time_sampling=cfg.time_sampling, logit_mean=cfg.logit_mean, logit_std=cfg.logit_std,
+                shift=cfg.time_shift, sample_timesteps=cfg.sample_timesteps)
+
+
 def embed_new_tokens_as_mean(backbone, tokenizer, new_ids) -> None:
     """Resize embeddings to the tokenizer and set new rows to the mean of the old ones (reference §1.2)."""
     emb = backbone.get_input_embeddings()
@@ -107,8 +112,7 @@ def build_model(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> Tuple[B
 
     target = load_target(cfg)
     channels, grid = target.channels, list(target.grid)
-    objective_kwargs = dict(time_sampling=cfg.time_sampling, logit_mean=cfg.logit_mean, logit_std=cfg.logit_std,
-                            shift=cfg.time_shift)
+    objective_kwargs = objective_kwargs_for(cfg)
     config = Blip3oConfig(
         backbone=cfg.backbone, backbone_config=backbone.config.to_dict(), backbone_path=bpath, recipe=cfg.recipe,
         num_queries=cfg.num_queries, dit_config=dit_config_for(cfg, channels, grid, hidden), target=cfg.target,
@@ -116,9 +120,11 @@ def build_model(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> Tuple[B
         target_norm=cfg.target_norm, objective=cfg.objective, objective_kwargs=objective_kwargs,
         cfg_dropout=cfg.cfg_dropout, text_loss_weight=cfg.text_loss_weight if cfg.recipe == "joint" else 0.0,
         decoder=cfg.decoder, decoder_path=cfg.decoder_path, num_inference_steps=cfg.num_inference_steps,
-        guidance_scale=cfg.guidance_scale, max_prompt_length=cfg.max_length, chat_template=adapter.template.name,
+        guidance_scale=cfg.guidance_scale, max_prompt_length=cfg.max_length,
+        inference_max_length=cfg.inference_max_length, chat_template=adapter.template.name,
         img_token_id=tokenizer.convert_tokens_to_ids(IMG_START_TOKEN),
         attn_implementation_backbone=cfg.attn_implementation,
+        lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
     )
     model = Blip3oForConditionalGeneration(config, backbone=backbone)
     model.tokenizer = tokenizer
@@ -143,6 +149,12 @@ def _from_saved(cfg: ModelConfig):
             model.target_encoder  # noqa: B018  (loads from the saved target_path)
         return model, model.tokenizer
     model = Blip3oForConditionalGeneration.from_pretrained(cfg.init_from)
+    have = getattr(model.config, "lora_rank", 0)
+    if cfg.lora_rank > 0 and have == 0:
+        model.add_lora(cfg.lora_rank, cfg.lora_alpha)
+    elif cfg.recipe == "joint" and cfg.lora_rank != have:
+        raise ValueError(f"model.lora_rank: {cfg.init_from} was trained with LoRA rank {have}; continue it with "
+                         f"model.lora_rank={have}")
     model.config.recipe = cfg.recipe
     model.config.cfg_dropout = cfg.cfg_dropout
     model.config.text_loss_weight = cfg.text_loss_weight if cfg.recipe == "joint" else 0.0

@@ -90,6 +90,7 @@ class FusionConfig(PretrainedConfig):
         prompt_pad_id: int = 0,
         uncond_input_ids: Optional[List[int]] = None,
         prompt_head_len: int = 0,
+        inference_max_length: int = 0,
         decoder: str = "none",
         decoder_path: Optional[str] = None,
         attn_implementation_backbone: str = "sdpa",
@@ -122,6 +123,7 @@ class FusionConfig(PretrainedConfig):
         self.prompt_pad_id = prompt_pad_id
         self.uncond_input_ids = list(uncond_input_ids or [])
         self.prompt_head_len = prompt_head_len
+        self.inference_max_length = inference_max_length  # 0: prompts are not cut at inference
         self.decoder = decoder
         self.decoder_path = decoder_path
         self.attn_implementation_backbone = attn_implementation_backbone
@@ -432,7 +434,7 @@ class Blip3oFusionForConditionalGeneration(GeneratorModelMixin, PreTrainedModel)
     # -- generation -----------------------------------------------------------------------------
     def tokenize_prompts(self, prompts: Sequence[str], tokenizer=None) -> Dict[str, torch.Tensor]:
         return tokenize_for_generation(tokenizer or self.tokenizer, prompts, self.config.chat_template,
-                                       self.config.max_prompt_length, self.prompt_reserve)
+                                       getattr(self.config, "inference_max_length", 0), self.prompt_reserve)
 
     @torch.no_grad()
     def generate_features(
@@ -523,27 +525,27 @@ def load_generation_model(path: Union[str, os.PathLike]):
 def build_fusion_model(cfg, dtype: torch.dtype = torch.float32):
     """A fresh transfusion / lmfusion model from a ModelConfig: pretrained backbone + VAE target + new
     projections (and, for lmfusion, the image expert copied from the text weights)."""
-    from blip3o.models.build import attach_image_processor, load_backbone, load_target, resolve_target_path
-    from blip3o.prompts import GEN_INSTRUCTION, IMG_END_TOKEN, IMG_START_TOKEN
+    from blip3o.models.build import (attach_image_processor, load_backbone, load_target, objective_kwargs_for,
+                                     resolve_target_path)
+    from blip3o.prompts import IMG_END_TOKEN, IMG_START_TOKEN, generation_head_len
 
     adapter, bpath, backbone, tokenizer = load_backbone(cfg, dtype)
     target = load_target(cfg)
     template = get_template(adapter.template.name)
     uncond = encode_generation_prompts(tokenizer, [""], template, max_length=cfg.max_length, num_queries=0)
-    head = tokenizer(template.prefix() + GEN_INSTRUCTION, add_special_tokens=False)["input_ids"]
     config = FusionConfig(
         generator_type=cfg.generator, backbone=cfg.backbone, backbone_config=backbone.config.to_dict(),
         backbone_path=bpath, target=cfg.target, target_channels=target.channels, target_grid=list(target.grid),
         target_path=resolve_target_path(cfg), target_norm=cfg.target_norm, patch_size=cfg.fusion_patch_size,
         objective=cfg.objective,
-        objective_kwargs=dict(time_sampling=cfg.time_sampling, logit_mean=cfg.logit_mean, logit_std=cfg.logit_std,
-                              shift=cfg.time_shift),
+        objective_kwargs=objective_kwargs_for(cfg),
         cfg_dropout=cfg.cfg_dropout, image_loss_weight=cfg.image_loss_weight, text_loss_weight=cfg.text_loss_weight,
         lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha, num_inference_steps=cfg.num_inference_steps,
         guidance_scale=cfg.guidance_scale, max_prompt_length=cfg.max_length, chat_template=template.name,
         img_token_id=tokenizer.convert_tokens_to_ids(IMG_START_TOKEN),
         img_end_token_id=tokenizer.convert_tokens_to_ids(IMG_END_TOKEN), prompt_pad_id=tokenizer.pad_token_id,
-        uncond_input_ids=uncond["input_ids"][0].tolist(), prompt_head_len=len(head),
+        uncond_input_ids=uncond["input_ids"][0].tolist(),
+        prompt_head_len=generation_head_len(tokenizer, template), inference_max_length=cfg.inference_max_length,
         decoder=cfg.decoder, decoder_path=cfg.decoder_path, attn_implementation_backbone=cfg.attn_implementation,
     )
     model = Blip3oFusionForConditionalGeneration(config, backbone=backbone)

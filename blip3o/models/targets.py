@@ -655,6 +655,15 @@ def to_eva_clip_state_dict(state_dict: Dict[str, torch.Tensor], prefix: str = ""
     return out
 
 
+def pool_tokens(tokens: torch.Tensor, grid, pool: int) -> torch.Tensor:
+    """The reference's ``early_pool2d_4``: tokens (B, h*w, D) in row-major order -> (B, D, h, w) ->
+    ``avg_pool2d(pool)``. Pooled in fp32: averaging 16 bf16 values in bf16 would add rounding noise."""
+    b, n, d = tokens.shape
+    h, w = grid
+    fmap = tokens.transpose(1, 2).reshape(b, d, h, w).float()
+    return F.avg_pool2d(fmap, kernel_size=pool, stride=pool) if pool > 1 else fmap
+
+
 @TARGETS.register("eva_clip")
 class EvaClipTarget(TargetEncoder):
     """EVA-CLIP-E-14-plus (448 px) features, CLS dropped, avg-pooled: BLIP3-o's generation target."""
@@ -729,14 +738,7 @@ class EvaClipTarget(TargetEncoder):
         return feats[:, self.model.num_prefix_tokens:]
 
     def _encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        tokens = self.encode_tokens(pixel_values)
-        b, n, d = tokens.shape
-        h, w = self.token_grid
-        # (B, h*w, D) -> (B, D, h, w): row-major tokens, as the reference's early_pool2d reshape
-        fmap = tokens.transpose(1, 2).reshape(b, d, h, w)
-        p = self.config["pool"]
-        # pool in fp32: averaging 16 bf16 values in bf16 would add rounding noise to every target
-        return F.avg_pool2d(fmap.float(), kernel_size=p, stride=p) if p > 1 else fmap.float()
+        return pool_tokens(self.encode_tokens(pixel_values), self.token_grid, self.config["pool"])
 
     def load_eva_clip_weights(self, path: str, prefix: Optional[str] = None) -> Dict[str, List[str]]:
         """Loads an EVA-CLIP-layout vision tower (file or directory) via ``map_eva_clip_state_dict``."""

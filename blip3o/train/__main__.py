@@ -48,6 +48,7 @@ def main(argv=None) -> int:
     import transformers
 
     transformers.utils.logging.disable_progress_bar()  # "Loading weights" bars would drown the training bar
+    from blip3o.data import AllBadError
     from blip3o.train.tasks import get_task
     from blip3o.train.trainer import NonFiniteLossError, Trainer
 
@@ -56,6 +57,11 @@ def main(argv=None) -> int:
         trainer.train()
     except (FileNotFoundError, ValueError, NonFiniteLossError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except AllBadError as e:
+        # From a DataLoader worker the message carries the worker's traceback; its last line is the reason.
+        last = [l for l in str(e).splitlines() if l.strip()][-1]
+        print(f"error: {last.split('AllBadError: ', 1)[-1]}", file=sys.stderr)
         return 1
     finally:
         import torch.distributed as dist

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -90,6 +91,30 @@ def set_rng_state(st: Dict[str, Any]) -> None:
     torch.set_rng_state(st["torch"])
     if "cuda" in st and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def _rng_safe_globals() -> list:
+    """The only non-tensor types our ``*.pt`` files pickle: numpy's RNG state is a tuple holding a uint32
+    array, which unpickles through these (``_reconstruct`` builds only allow-listed array types)."""
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # numpy < 2
+        from numpy.core.multiarray import _reconstruct
+    return [_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+def load_state(path) -> Any:
+    """``torch.load`` of an optimizer / scheduler / rank state with ``weights_only=True``: tensors, plain
+    containers and numbers, plus numpy's RNG state. A checkpoint that pickles anything else (which could
+    run code when loaded) is refused with one line naming the offending global."""
+    try:
+        with torch.serialization.safe_globals(_rng_safe_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL (\S+)", str(e))
+        what = f"it pickles {found.group(1)}" if found else str(e).splitlines()[0]
+        raise ValueError(f"refusing to load {path}: {what}, which is not on the allow-list of checkpoint types "
+                         "(tensors, containers, numbers, numpy RNG state)") from None
 
 
 def tmp_dir(output_dir, step: int) -> Path:

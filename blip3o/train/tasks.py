@@ -28,15 +28,21 @@ DEFAULT_VAL_PROMPTS = ["a red circle", "two blue squares", "a green triangle to 
 
 
 def _read_eval_prompts(path: Optional[str], n: int = 8) -> List[str]:
-    if not path or not Path(path).is_file():
+    """The first ``n`` prompts of a GenEval-format JSONL; without a file, four built-in toy prompts. A file that
+    is configured but missing or empty is an error (a typo must not silently swap the validation prompts)."""
+    if not path:
         return DEFAULT_VAL_PROMPTS
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"data.eval_prompts: file not found: {path}")
     out = []
     for line in Path(path).read_text().splitlines():
         if line.strip():
             out.append(json.loads(line)["prompt"])
         if len(out) >= n:
             break
-    return out or DEFAULT_VAL_PROMPTS
+    if not out:
+        raise ValueError(f"data.eval_prompts: no prompts in {path}")
+    return out
 
 
 def move(batch, device):
@@ -84,12 +90,12 @@ class T2ITask:
 
         self.cfg = cfg
         self.dist = dist
+        self.val_prompts = _read_eval_prompts(cfg.data.eval_prompts)  # a bad path fails before the model loads
         self.model, self.tokenizer = build_model(cfg.model)
         self.target = self.model.target_encoder  # attached by build_model
         self.target.to(dist.device)
         if cfg.model.gradient_checkpointing:
             self.model.set_gradient_checkpointing(True)
-        self.val_prompts = _read_eval_prompts(cfg.data.eval_prompts)
         self.decoder = None
         if cfg.model.decoder_path:
             from blip3o.decoders import load_decoder

@@ -234,11 +234,11 @@ class Trainer:
         if self.engine is not None:
             self.engine.load_checkpoint(str(path / "deepspeed"), tag="state", load_module_strict=False)
         else:
-            self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
-        self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
+            self.optimizer.load_state_dict(ckpt.load_state(path / "optimizer.pt"))
+        self.scheduler.load_state_dict(ckpt.load_state(path / "scheduler.pt"))
         if self.ema is not None and (path / "ema.safetensors").is_file():
             self.ema.shadow = {k: v.float() for k, v in load_file(str(path / "ema.safetensors")).items()}
-        rank_state = torch.load(path / f"rank{self.dist.rank}.pt", weights_only=False)
+        rank_state = ckpt.load_state(path / f"rank{self.dist.rank}.pt")
         ckpt.set_rng_state(rank_state["rng"])
         self.loader.load_state_dict(rank_state["data"])
         self.step = state["step"]
