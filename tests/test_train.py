@@ -70,6 +70,34 @@ def test_sigkill_and_resume_gives_identical_losses(toy_data, unbroken, tmp_path)
     assert losses(out) == losses(unbroken)  # bit-for-bit on CPU, single process
 
 
+def test_sigkill_and_resume_with_a_data_worker_gives_identical_losses(toy_data, tmp_path):
+    """As above with data.num_workers=1 (every real config uses workers). Starting the workers must not draw
+    from the training RNG (torch's DataLoader takes its workers' base seed from the global generator unless
+    given its own): that draw fell at step 1 of the unbroken run but at the first resumed step of the resumed
+    one, so every loss after a resume differed while the batch keys were the same."""
+    cmd = lambda out: train_cmd(toy_data, out, "data.num_workers=1", "train.log_sample_keys=true")  # noqa: E731
+    ref = tmp_path / "unbroken"
+    r = run(cmd(ref))
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = tmp_path / "killed"
+    p = subprocess.Popen(cmd(out), env=run_env(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not (out / "checkpoint-3" / "COMPLETE").is_file():
+        assert time.time() < deadline and p.poll() is None, "run ended before its first checkpoint"
+        time.sleep(0.05)
+    p.send_signal(signal.SIGKILL)  # the worker process is orphaned and dies on its own (its parent is gone)
+    p.wait()
+    r = run(cmd(out) + ["train.resume_from_checkpoint=latest"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resumed from" in r.stderr
+    assert losses(out) == losses(ref)  # bit-for-bit on CPU, single process
+    keys = lambda d: {json.loads(l)["step"]: json.loads(l)["keys"]  # noqa: E731
+                      for l in (d / "keys-rank0.jsonl").read_text().splitlines()}
+    assert keys(out) == keys(ref)
+    a, b = (torch.load(d / "checkpoint-6" / "rank0.pt", weights_only=False)["rng"]["torch"] for d in (out, ref))
+    assert torch.equal(a, b)  # the training RNG ends in the same state too
+
+
 def test_kill_during_save_leaves_previous_checkpoint(toy_data, tmp_path):
     out = tmp_path / "run"
     r = run(train_cmd(toy_data, out, steps=3))
