@@ -80,13 +80,15 @@ def test_sigkill_and_resume_with_a_data_worker_gives_identical_losses(toy_data, 
     r = run(cmd(ref))
     assert r.returncode == 0, r.stderr[-3000:]
     out = tmp_path / "killed"
-    p = subprocess.Popen(cmd(out), env=run_env(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while not (out / "checkpoint-3" / "COMPLETE").is_file():
-        assert time.time() < deadline and p.poll() is None, "run ended before its first checkpoint"
-        time.sleep(0.05)
-    p.send_signal(signal.SIGKILL)  # the worker process is orphaned and dies on its own (its parent is gone)
-    p.wait()
+    log = tmp_path / "killed.log"
+    with open(log, "w") as f:
+        p = subprocess.Popen(cmd(out), env=run_env(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=f)
+        deadline = time.time() + 240
+        while not (out / "checkpoint-3" / "COMPLETE").is_file():
+            assert time.time() < deadline and p.poll() is None, log.read_text()[-3000:]
+            time.sleep(0.05)
+        p.send_signal(signal.SIGKILL)  # the worker process is orphaned and dies on its own (its parent is gone)
+        p.wait()
     r = run(cmd(out) + ["train.resume_from_checkpoint=latest"])
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resumed from" in r.stderr
