@@ -76,7 +76,13 @@ def load_sharded(model: nn.Module, optimizer, path: Path) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+    # On a fresh optimizer, get_state_dict creates AdamW state for *every* parameter (a zero-lr step), while the
+    # saved one holds state only for parameters that had a gradient before the save (in the joint recipe on
+    # image-only data the vision tower never does). Those keep no state, exactly as in the unbroken run.
     msd, osd = get_state_dict(model, optimizer, options=_options())
+    saved = set(dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata)
+    saved_params = {k.split(".", 2)[2].rsplit(".", 1)[0] for k in saved if k.startswith("optim.state.")}
+    osd["state"] = {fqn: st for fqn, st in osd["state"].items() if fqn in saved_params}
     state = {"model": msd, "optim": osd}
     dcp.load(state, checkpoint_id=str(path))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
