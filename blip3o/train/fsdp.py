@@ -34,12 +34,13 @@ def block_lists(model: nn.Module) -> List[nn.ModuleList]:
     return [m for _, m in found]
 
 
-def mp_policy(mixed_precision: str):
+def mp_policy(mixed_precision: str, cast_inputs: bool = True):
     """bf16/fp16 compute with fp32 gradient reduction; ``no`` keeps fp32 (what CPU/gloo tests use)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision)
-    return MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32 if dtype else None)
+    return MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32 if dtype else None,
+                                cast_forward_inputs=cast_inputs)
 
 
 def shard(model: nn.Module, mixed_precision: str) -> int:
@@ -52,7 +53,9 @@ def shard(model: nn.Module, mixed_precision: str) -> int:
     for b in blocks:
         fully_shard(b, mp_policy=policy)
     ignored = {p for p in model.parameters() if not p.requires_grad and id(p) not in in_blocks}
-    fully_shard(model, mp_policy=policy, ignored_params=ignored or None)
+    # The root's inputs stay as they come (the flow targets and noise in fp32, as under DDP + autocast); the
+    # trainer's autocast still runs the root's own matmuls in 16 bit.
+    fully_shard(model, mp_policy=mp_policy(mixed_precision, cast_inputs=False), ignored_params=ignored or None)
     return len(blocks)
 
 
