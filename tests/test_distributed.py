@@ -1,5 +1,5 @@
-"""Multi-process training on CPU (gloo): torchrun + DDP, torchrun + DeepSpeed ZeRO-2, kill-and-resume under
-torchrun, and the ``deepspeed`` launcher. Every run is the real entry point (``python -m blip3o.train``) in
+"""Multi-process training on CPU (gloo): torchrun + DDP, torchrun + DeepSpeed ZeRO-2 and ZeRO-3, FSDP2 (also with
+the joint recipe), kill-and-resume under torchrun, and the ``deepspeed`` launcher. Every run is the real entry point (``python -m blip3o.train``) in
 subprocesses on the toy world.
 
 Selective run: ``pytest -m distributed`` (this file and tests/test_slurm.py); part of the default run.
@@ -222,7 +222,8 @@ def test_torchrun_ddp_kill_and_resume(toy, ddp_run, tmp_path):
     same batches (the loader position is in rank{r}.pt), the same RNG streams (noise, timesteps, CFG dropout;
     restored per rank), the same optimizer/scheduler state, and a 2-rank gloo all-reduce is a single addition
     (commutative, so order cannot matter). Measured: losses, grad norms and final weights are bit-identical.
-    (data.num_workers>0 resume is a known, separately tracked divergence.)"""
+    With data.num_workers>0 the same holds per rank: the workers are seeded from the loader's own generator, not
+    from the training RNG (tested single-process with a worker in tests/test_train.py)."""
     import torch
     from safetensors.torch import load_file
 
