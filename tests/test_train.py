@@ -83,12 +83,14 @@ def test_sigkill_and_resume_with_a_data_worker_gives_identical_losses(toy_data, 
     log = tmp_path / "killed.log"
     with open(log, "w") as f:
         p = subprocess.Popen(cmd(out), env=run_env(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=f)
-        deadline = time.time() + 600  # generous: under a load of ~9 on 2 cores, 240 s did not reach step 3
-        while not (out / "checkpoint-3" / "COMPLETE").is_file():
-            assert time.time() < deadline and p.poll() is None, log.read_text()[-3000:]
-            time.sleep(0.05)
-        p.send_signal(signal.SIGKILL)  # the worker process is orphaned and dies on its own (its parent is gone)
-        p.wait()
+        try:
+            deadline = time.time() + 600  # generous: under a load of ~9 on 2 cores, 240 s did not reach step 3
+            while not (out / "checkpoint-3" / "COMPLETE").is_file():
+                assert time.time() < deadline and p.poll() is None, log.read_text()[-3000:]
+                time.sleep(0.05)
+        finally:  # also when the wait fails: never leave a training run behind
+            p.send_signal(signal.SIGKILL)  # the data worker notices its parent is gone and exits on its own
+            p.wait()
     r = run(cmd(out) + ["train.resume_from_checkpoint=latest"])
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resumed from" in r.stderr
