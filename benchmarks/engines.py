@@ -46,6 +46,7 @@ def worker(argv) -> int:
 
     if torch.cuda.is_available():
         rec["cuda_max_allocated_mib"] = torch.cuda.max_memory_allocated() / 2 ** 20
+    Path(out).mkdir(parents=True, exist_ok=True)
     Path(out, f"peak-rank{rec['rank']}.json").write_text(json.dumps(rec))
     return rc
 
@@ -64,7 +65,9 @@ def run_engine(name, args, data: Path, work: Path) -> dict:
            f"data.train_shards={data / 'train'}", f"data.eval_prompts={data / 'eval' / 'prompts.jsonl'}",
            f"train.output_dir={out}", f"train.max_steps={args.steps}", "train.save_steps=0", "train.logging_steps=1",
            f"train.per_device_train_batch_size={args.batch}", f"train.device={args.device}",
-           f"train.mixed_precision={args.mixed_precision}", "data.num_workers=0", *ENGINES[name]]
+           "data.num_workers=0", *ENGINES[name]]
+    if args.mixed_precision != "no":  # `tiny` already says "no" (which an override would read as YAML false)
+        cmd.append(f"train.mixed_precision={args.mixed_precision}")
     t = time.time()
     proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if proc.returncode != 0:
