@@ -147,6 +147,8 @@ def test_nonfinite_losses_stop_with_a_clear_message(toy_data, tmp_path):
     (["data.train_shards=/nonexistent/shards"], "/nonexistent/shards"),
     (["train.deepspeed=/nonexistent/ds.json"], "config file not found"),
     (["model.target_path=/nonexistent/eva"], "/nonexistent/eva"),
+    (["train.fsdp=true", "train.deepspeed=configs/deepspeed/zero2.json"], "select two engines"),
+    (["train.fsdp=true", "train.ema_decay=0.9"], "train.ema_decay > 0 is not supported with FSDP"),
 ])
 def test_bad_config_and_paths_fail_with_one_line(toy_data, tmp_path, override, message):
     r = run(train_cmd(toy_data, tmp_path / "bad", *override, steps=1))
