@@ -139,6 +139,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     mixed_precision: str = "bf16"  # bf16 | fp16 | no
     deepspeed: Optional[str] = None  # path to configs/deepspeed/zero{1,2,3}.json
+    fsdp: bool = False  # PyTorch FSDP2 (fully_shard) instead of DDP; exclusive with deepspeed
     save_steps: int = 1000
     save_total_limit: int = 1
     logging_steps: int = 10

@@ -124,12 +124,16 @@ def test_random_transforms_replay_on_resume(toy_dir, qwen_tokenizer, workers):
     assert torch.equal(rest[1]["pixel_values"], full[4]["pixel_values"])
 
 
-def test_loading_in_the_main_process_leaves_training_rng_alone(toy_dir, qwen_tokenizer):
+@pytest.mark.parametrize("workers", [0, 1])
+def test_loading_leaves_training_rng_alone(toy_dir, qwen_tokenizer, workers):
+    """Neither decoding in the main process nor starting workers (the DataLoader draws their base seed from a
+    generator, torch's global one unless given its own) may consume the training RNG: if it did, the first step
+    after a resume would draw different noise than the unbroken run."""
     import random
 
     import numpy as np
 
-    loader = _loader(_cfg(toy_dir), qwen_tokenizer)
+    loader = _loader(_cfg(toy_dir), qwen_tokenizer, workers=workers)
     torch.manual_seed(5), random.seed(5), np.random.seed(5)
     expected = (torch.rand(3), random.random(), np.random.rand())
     torch.manual_seed(5), random.seed(5), np.random.seed(5)

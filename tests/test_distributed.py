@@ -1,5 +1,5 @@
-"""Multi-process training on CPU (gloo): torchrun + DDP, torchrun + DeepSpeed ZeRO-2, kill-and-resume under
-torchrun, and the ``deepspeed`` launcher. Every run is the real entry point (``python -m blip3o.train``) in
+"""Multi-process training on CPU (gloo): torchrun + DDP, torchrun + DeepSpeed ZeRO-2 and ZeRO-3, FSDP2 (also with
+the joint recipe), kill-and-resume under torchrun, and the ``deepspeed`` launcher. Every run is the real entry point (``python -m blip3o.train``) in
 subprocesses on the toy world.
 
 Selective run: ``pytest -m distributed`` (this file and tests/test_slurm.py); part of the default run.
@@ -222,7 +222,8 @@ def test_torchrun_ddp_kill_and_resume(toy, ddp_run, tmp_path):
     same batches (the loader position is in rank{r}.pt), the same RNG streams (noise, timesteps, CFG dropout;
     restored per rank), the same optimizer/scheduler state, and a 2-rank gloo all-reduce is a single addition
     (commutative, so order cannot matter). Measured: losses, grad norms and final weights are bit-identical.
-    (data.num_workers>0 resume is a known, separately tracked divergence.)"""
+    With data.num_workers>0 the same holds per rank: the workers are seeded from the loader's own generator, not
+    from the training RNG (tested single-process with a worker in tests/test_train.py)."""
     import torch
     from safetensors.torch import load_file
 
@@ -287,3 +288,107 @@ def test_deepspeed_launcher(toy, tmp_path):
     state = json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())
     assert state["world_size"] == 2
     assert (out / "checkpoint-3" / "deepspeed").is_dir() and (out / "model.safetensors").is_file()
+
+
+def _kill_after_checkpoint(cmd, out: Path, log: Path):
+    """Runs `cmd` until checkpoint-SAVE is complete and a later step is logged, then SIGKILLs the whole tree.
+    Returns (the checkpoint step `latest` will resume from, the killed run's metrics)."""
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=f, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.time() + TIMEOUT
+            while not ((out / f"checkpoint-{SAVE}" / "COMPLETE").is_file() and (out / "metrics.jsonl").is_file()
+                       and max(_metrics(out)) > SAVE):
+                assert proc.poll() is None, log.read_text()[-4000:]
+                assert time.time() < deadline, "no checkpoint before the timeout"
+                time.sleep(0.02)
+        finally:
+            _kill_tree(proc)
+    done = sorted(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*") if (p / "COMPLETE").is_file())
+    assert done and done[-1] < STEPS, f"the run finished before it was killed: {done}"
+    time.sleep(0.5)
+    return done[-1], _metrics(out)
+
+
+def _sharded_engine_run(toy, ddp_run, tmp_path, *engine):
+    """A 2-rank run under a sharded engine, SIGKILLed after a checkpoint and resumed from `latest`:
+    * exact resume: the steps the killed run logged after its checkpoint are recomputed bit for bit;
+    * the engine computes what DDP computes (fp32, CPU: only reduction order differs, <= 1e-5 relative);
+    * the final directory is a complete model (full-size weights equal to the last checkpoint's) that
+      inference.py loads and samples from."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "run"
+    cmd = _torchrun() + _train_args(toy, out, *engine)
+    resume_step, killed = _kill_after_checkpoint(cmd, out, tmp_path / "killed.txt")
+    stdout = _run(cmd + ["train.resume_from_checkpoint=latest"], tmp_path / "resumed.txt")
+    assert f"at step {resume_step}" in stdout
+    m = _assert_two_ranks_trained(out, STEPS)
+    overlap = [s for s in killed if s > resume_step]
+    assert overlap
+    for s in overlap:
+        for k in ("loss", "grad_norm", "lr"):
+            assert m[s][k] == killed[s][k], (s, k, m[s][k], killed[s][k])
+    ref = _metrics(ddp_run)
+    for s in range(1, STEPS + 1):
+        for k in ("loss", "grad_norm", "lr"):
+            assert m[s][k] == pytest.approx(ref[s][k], rel=1e-5, abs=1e-9), (s, k, m[s][k], ref[s][k])
+    for r in (0, 1):
+        assert _keys(out, r) == _keys(ddp_run, r)
+    final, want = load_file(str(out / "model.safetensors")), load_file(str(ddp_run / "model.safetensors"))
+    assert set(final) == set(want)
+    for name, t in want.items():
+        assert final[name].shape == t.shape, name  # nothing left partitioned (ZeRO-3 used to save 0-size tensors)
+        torch_close(final[name], t, name)
+    feats = tmp_path / "feats.pt"
+    _run([sys.executable, str(ROOT / "inference.py"), str(out), "--prompt", "a red circle", "--num-images", "1",
+          "--steps", "2", "--embeddings-only", "--out", str(feats)], tmp_path / "inference.txt")
+    assert feats.is_file()
+    return out
+
+
+def torch_close(a, b, name):
+    import torch
+
+    torch.testing.assert_close(a.float(), b.float(), rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_torchrun_deepspeed_zero3_resume_and_inference(toy, ddp_run, tmp_path):
+    """ZeRO-3 partitions the parameters themselves: checkpoints and the final model gather them (layer by layer,
+    onto rank 0), resume restores the partitions from DeepSpeed's own files."""
+    out = _sharded_engine_run(toy, ddp_run, tmp_path, "train.deepspeed=configs/deepspeed/zero3.json")
+    assert (out / f"checkpoint-{STEPS}" / "deepspeed" / "state").is_dir()
+
+
+def test_torchrun_fsdp_resume_and_inference(toy, ddp_run, tmp_path):
+    """FSDP2 (train.fsdp=true): sharded DCP checkpoints (weights + optimizer state, one file per rank), exact
+    resume, and a gathered final model directory."""
+    out = _sharded_engine_run(toy, ddp_run, tmp_path, "train.fsdp=true")
+    ck = out / f"checkpoint-{STEPS}"
+    assert sorted(p.name for p in (ck / "fsdp").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    assert not (ck / "optimizer.pt").exists() and not (ck / "trainable.safetensors").exists()
+
+
+def test_torchrun_fsdp_joint_recipe(toy, tmp_path):
+    """FSDP with the joint recipe (the backbone is trained too): its decoder layers become FSDP units beside the
+    DiT blocks, the sharded checkpoint holds the backbone, and resuming from checkpoint-2 in a fresh output
+    directory recomputes steps 3-4 of the unbroken run bit for bit. 4 steps: kept small on purpose."""
+    import torch.distributed.checkpoint as dcp
+
+    joint = ("train.fsdp=true", "model.recipe=joint", "model.text_loss_weight=1.0", "train.save_total_limit=2")
+    a = tmp_path / "a"
+    stdout = _run(_torchrun() + _train_args(toy, a, *joint, steps=4, save=2), tmp_path / "a.txt")
+    assert "FSDP: 4 block units" in stdout  # 2 DiT blocks + 2 backbone decoder layers (tiny presets)
+    saved = dcp.FileSystemReader(str(a / "checkpoint-2" / "fsdp")).read_metadata().state_dict_metadata
+    assert any(k.startswith("model.backbone.") and ".layers.1." in k for k in saved), sorted(saved)[:10]
+    assert any(k.startswith("optim.state.backbone.") for k in saved)
+    b = tmp_path / "b"
+    _run(_torchrun() + _train_args(toy, b, *joint, f"train.resume_from_checkpoint={a / 'checkpoint-2'}", steps=4,
+                                   save=2), tmp_path / "b.txt")
+    ma, mb = _metrics(a), _metrics(b)
+    assert sorted(mb) == [3, 4]
+    for s in (3, 4):
+        for k in ("loss", "grad_norm", "lr"):
+            assert mb[s][k] == ma[s][k], (s, k, mb[s][k], ma[s][k])
+    _run([sys.executable, str(ROOT / "inference.py"), str(b), "--prompt", "a red circle", "--num-images", "1",
+          "--steps", "2", "--embeddings-only", "--out", str(tmp_path / "f.pt")], tmp_path / "inference.txt")

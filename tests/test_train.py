@@ -70,6 +70,38 @@ def test_sigkill_and_resume_gives_identical_losses(toy_data, unbroken, tmp_path)
     assert losses(out) == losses(unbroken)  # bit-for-bit on CPU, single process
 
 
+def test_sigkill_and_resume_with_a_data_worker_gives_identical_losses(toy_data, tmp_path):
+    """As above with data.num_workers=1 (every real config uses workers). Starting the workers must not draw
+    from the training RNG (torch's DataLoader takes its workers' base seed from the global generator unless
+    given its own): that draw fell at step 1 of the unbroken run but at the first resumed step of the resumed
+    one, so every loss after a resume differed while the batch keys were the same."""
+    cmd = lambda out: train_cmd(toy_data, out, "data.num_workers=1", "train.log_sample_keys=true")  # noqa: E731
+    ref = tmp_path / "unbroken"
+    r = run(cmd(ref))
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = tmp_path / "killed"
+    log = tmp_path / "killed.log"
+    with open(log, "w") as f:
+        p = subprocess.Popen(cmd(out), env=run_env(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=f)
+        try:
+            deadline = time.time() + 600  # generous: under a load of ~9 on 2 cores, 240 s did not reach step 3
+            while not (out / "checkpoint-3" / "COMPLETE").is_file():
+                assert time.time() < deadline and p.poll() is None, log.read_text()[-3000:]
+                time.sleep(0.05)
+        finally:  # also when the wait fails: never leave a training run behind
+            p.send_signal(signal.SIGKILL)  # the data worker notices its parent is gone and exits on its own
+            p.wait()
+    r = run(cmd(out) + ["train.resume_from_checkpoint=latest"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resumed from" in r.stderr
+    assert losses(out) == losses(ref)  # bit-for-bit on CPU, single process
+    keys = lambda d: {json.loads(l)["step"]: json.loads(l)["keys"]  # noqa: E731
+                      for l in (d / "keys-rank0.jsonl").read_text().splitlines()}
+    assert keys(out) == keys(ref)
+    a, b = (torch.load(d / "checkpoint-6" / "rank0.pt", weights_only=False)["rng"]["torch"] for d in (out, ref))
+    assert torch.equal(a, b)  # the training RNG ends in the same state too
+
+
 def test_kill_during_save_leaves_previous_checkpoint(toy_data, tmp_path):
     out = tmp_path / "run"
     r = run(train_cmd(toy_data, out, steps=3))
@@ -115,6 +147,8 @@ def test_nonfinite_losses_stop_with_a_clear_message(toy_data, tmp_path):
     (["data.train_shards=/nonexistent/shards"], "/nonexistent/shards"),
     (["train.deepspeed=/nonexistent/ds.json"], "config file not found"),
     (["model.target_path=/nonexistent/eva"], "/nonexistent/eva"),
+    (["train.fsdp=true", "train.deepspeed=configs/deepspeed/zero2.json"], "select two engines"),
+    (["train.fsdp=true", "train.ema_decay=0.9"], "train.ema_decay > 0 is not supported with FSDP"),
 ])
 def test_bad_config_and_paths_fail_with_one_line(toy_data, tmp_path, override, message):
     r = run(train_cmd(toy_data, tmp_path / "bad", *override, steps=1))

@@ -19,6 +19,7 @@ import logging
 import os
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
+import torch
 from torch.utils.data import DataLoader
 
 from blip3o.data.cache import resolve_cache
@@ -195,9 +196,15 @@ class ResumableLoader:
         if self.num_workers == 0:
             source = iter(self.dataset)
         else:
+            # A DataLoader iterator draws its workers' base seed from `generator`, by default torch's global
+            # generator. That draw would land at the first batch of every run: step 1 of an unbroken run, the
+            # first resumed step of a resumed one, shifting the training RNG (noise, timesteps, CFG drops) by
+            # one draw after every resume. A private generator keeps the global stream untouched; the workers
+            # reseed per batch (pipeline._batch_rng), so their base seed does not reach the data either.
+            gen = torch.Generator().manual_seed(derive_seed(self.config_seed, self.dataset.rank, "workers") % 2 ** 63)
             source = iter(DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers,
                                      prefetch_factor=self.prefetch_factor, pin_memory=self.pin_memory,
-                                     persistent_workers=False))
+                                     persistent_workers=False, generator=gen))
         try:
             for batch in source:
                 st = batch.pop("_state")

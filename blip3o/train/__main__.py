@@ -4,6 +4,9 @@
     python -m blip3o.train configs/toy.yaml train.max_steps=20
     # one node, 8 GPUs, DeepSpeed ZeRO-1 (the paper's pretraining)
     torchrun --nproc_per_node=8 -m blip3o.train configs/pretrain_8b.yaml data.train_shards=$IMG_FOLDER
+    # sharded engines: DeepSpeed ZeRO-3, or PyTorch FSDP2
+    torchrun --nproc_per_node=8 -m blip3o.train configs/joint_8b.yaml train.deepspeed=configs/deepspeed/zero3.json
+    torchrun --nproc_per_node=8 -m blip3o.train configs/joint_8b.yaml train.deepspeed=null train.fsdp=true
     # the DeepSpeed launcher
     deepspeed --num_gpus 8 --module blip3o.train configs/pretrain_8b.yaml
     # multi-node under Slurm: see slurm.sh (srun + torchrun c10d rendezvous)

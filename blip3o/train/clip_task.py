@@ -111,9 +111,11 @@ class ClipTask:
         logger.info("zero-shot shape %.3f colour %.3f", acc["shape"], acc["colour"])
         return out
 
-    def save_final(self, out: Path, ema=None):
+    def save_final(self, out: Path, ema=None, state_dict=None):
         from blip3o.models.toy_clip import zero_shot_accuracy
 
+        if state_dict is not None:
+            raise ValueError("the clip task does not support sharded engines (ZeRO-3, FSDP): it is a toy-sized model")
         self._with_ema(ema)
         self.clip.eval()
         self.clip.save_pretrained(str(out))

@@ -196,7 +196,9 @@ class T2ITask:
         grid.save(path)
         return path
 
-    def save_final(self, out: Path, ema=None):
+    def save_final(self, out: Path, ema=None, state_dict=None):
+        """``state_dict``: the full weights gathered by a sharded engine (ZeRO-3, FSDP), whose module holds
+        only this rank's shards."""
         m = self.model
         if ema is not None:
             with torch.no_grad():
@@ -209,7 +211,7 @@ class T2ITask:
                 shutil.rmtree(dst, ignore_errors=True)
                 shutil.copytree(self.cfg.model.decoder_path, dst)
             m.config.decoder_path = "diffusion-decoder"
-        m.save_pretrained(out)
+        m.save_pretrained(out, **({"state_dict": state_dict} if state_dict is not None else {}))
         (out / "experiment.json").write_text(json.dumps(self.cfg.to_dict(), indent=2))
         logger.info("saved final model to %s", out)
 
@@ -355,7 +357,9 @@ class DecoderTask:
         grid.save(path)
         return path
 
-    def save_final(self, out: Path, ema=None):
+    def save_final(self, out: Path, ema=None, state_dict=None):
+        if state_dict is not None:
+            raise ValueError("the decoder task does not support sharded engines (ZeRO-3, FSDP)")
         if ema is not None:
             with torch.no_grad():
                 for n, p in self.model.named_parameters():

@@ -90,6 +90,9 @@ class Trainer:
         self.cfg = cfg
         t = cfg.train
         self.ds_config = self._load_ds_config(t.deepspeed) if t.deepspeed else None
+        self.zero3 = (self.ds_config or {}).get("zero_optimization", {}).get("stage", 0) == 3
+        self.fsdp = bool(t.fsdp)
+        self._check_sharded_engine()
         self.dist: DistInfo = init_distributed(t.device, need_group=self.ds_config is not None)
         self.out = Path(t.output_dir)
         if self.dist.is_main:
@@ -114,6 +117,7 @@ class Trainer:
         self.consecutive_nonfinite = 0
         self._stop_signal = None
         self.ema = EMA(self.named_trainable, t.ema_decay) if t.ema_decay > 0 else None
+        self.flops = self.task.flops_per_sample()  # before ZeRO-3 empties the parameters it counts
         self._setup_optimization()
         self.loader = self.task.build_loader(self.dist.rank, self.dist.world_size, t.seed)
         self.metrics_path = self.out / "metrics.jsonl"
@@ -121,6 +125,24 @@ class Trainer:
         self.peak_flops = device_peak_flops(self.dist.device)
 
     # -- setup ------------------------------------------------------------------------------------
+    def _check_sharded_engine(self):
+        """ZeRO-3 and FSDP keep no full copy of the weights on any rank, so what needs one is refused here
+        rather than failing (or hanging in a collective) mid-run."""
+        t = self.cfg.train
+        if self.fsdp and self.ds_config is not None:
+            raise ValueError("train.fsdp and train.deepspeed select two engines: set only one")
+        if not (self.zero3 or self.fsdp):
+            return
+        engine = "FSDP" if self.fsdp else "DeepSpeed ZeRO-3"
+        if t.ema_decay > 0:
+            raise ValueError(f"train.ema_decay > 0 is not supported with {engine} (the EMA would need the full "
+                             "weights on every rank); use ZeRO-1/2 or DDP for EMA runs")
+        if t.sample_steps:
+            raise ValueError(f"train.sample_steps is not supported with {engine} (sampling on rank 0 alone would "
+                             "wait forever for the other ranks' shards); set it to 0")
+        if t.task != "t2i":
+            raise ValueError(f"train.task={t.task} supports DDP and DeepSpeed ZeRO-1/2, not {engine}")
+
     def _load_ds_config(self, path: str) -> Dict[str, Any]:
         p = Path(path)
         if not p.is_file():
@@ -149,6 +171,13 @@ class Trainer:
     def _setup_optimization(self):
         t = self.cfg.train
         self.engine = None
+        if self.fsdp:
+            from blip3o.train import fsdp
+
+            units = fsdp.shard(self.model, t.mixed_precision)
+            logger.info("FSDP: %d block units + the root", units)
+            # fully_shard replaced the parameters by sharded (DTensor) ones: the optimizer must see those
+            self.named_trainable = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         groups = param_groups(self.named_trainable, t.weight_decay)
         if self.ds_config is not None:
             import deepspeed
@@ -166,8 +195,8 @@ class Trainer:
         else:
             self.optimizer = torch.optim.AdamW(groups, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2))
             self.scheduler = build_scheduler(self.optimizer, t, t.max_steps)
-            self.forward_module = self.model
-            if self.dist.distributed:
+            self.forward_module = self.model  # FSDP2 hooks into the module itself
+            if self.dist.distributed and not self.fsdp:
                 from torch.nn.parallel import DistributedDataParallel as DDP
 
                 ids = [self.dist.device.index] if self.dist.device.type == "cuda" else None
@@ -180,12 +209,29 @@ class Trainer:
         return torch.autocast(self.dist.device.type, dtype=torch.bfloat16 if mp == "bf16" else torch.float16)
 
     # -- checkpoints --------------------------------------------------------------------------------
-    def _trainable_state(self) -> Dict[str, torch.Tensor]:
-        sd = {n: p.detach().cpu().contiguous() for n, p in self.named_trainable}
-        for n, b in self.model.named_buffers():
-            if n in self.model.state_dict():  # persistent buffers only (e.g. target statistics)
-                sd[n] = b.detach().cpu().contiguous()
+    def _persistent_buffers(self):
+        keys = set(self.model.state_dict())  # persistent buffers only (e.g. target statistics)
+        return [(n, b) for n, b in self.model.named_buffers() if n in keys]
+
+    def _trainable_state(self, full=None) -> Dict[str, torch.Tensor]:
+        """Trainable parameters + buffers, from the live module or (ZeRO-3) from a gathered state dict."""
+        src = dict(self.named_trainable) if full is None else full
+        sd = {n: src[n].detach().cpu().contiguous() for n, _ in self.named_trainable}
+        for n, b in self._persistent_buffers():
+            sd[n] = (b if full is None else full[n]).detach().cpu().contiguous()
         return sd
+
+    def _gather_full(self):
+        """Every rank, collectively: the full weights on rank 0 (CPU) under ZeRO-3/FSDP, where no module holds
+        them; None otherwise (the module itself is complete)."""
+        if self.zero3:
+            # layer by layer onto rank 0's CPU, in the engine's 16-bit (or fp32) dtype
+            return self.engine._zero3_consolidated_16bit_state_dict() or {}
+        if self.fsdp:
+            from blip3o.train import fsdp
+
+            return fsdp.full_state_dict(self.model)
+        return None
 
     def save_checkpoint(self) -> Path:
         t = self.cfg.train
@@ -200,11 +246,17 @@ class Trainer:
         if self.engine is not None:
             # ZeRO partitions optimizer state across ranks: every rank writes its own shard.
             self.engine.save_checkpoint(str(tmp / "deepspeed"), tag="state")
+        if self.fsdp:  # sharded weights + optimizer state, every rank its own part
+            from blip3o.train import fsdp
+
+            fsdp.save_sharded(self.model, self.optimizer, tmp / "fsdp")
+        full = self._gather_full() if self.zero3 else None  # ZeRO-3: the full trainable weights, too
         if self.dist.is_main:
-            save_file(self._trainable_state(), str(tmp / "trainable.safetensors"))
+            if not self.fsdp:
+                save_file(self._trainable_state(full), str(tmp / "trainable.safetensors"))
             if self.ema is not None:
                 save_file({k: v.contiguous() for k, v in self.ema.shadow.items()}, str(tmp / "ema.safetensors"))
-            if self.engine is None:
+            if self.engine is None and not self.fsdp:
                 torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
             ckpt.write_json(tmp / "trainer_state.json", {
@@ -226,14 +278,23 @@ class Trainer:
         if state["world_size"] != self.dist.world_size:
             raise RuntimeError(f"checkpoint {path} was written by {state['world_size']} processes, this run has "
                                f"{self.dist.world_size}: the data position cannot be resumed exactly")
-        sd = load_file(str(path / "trainable.safetensors"))
-        missing, unexpected = self.model.load_state_dict(sd, strict=False)
-        names = {n for n, _ in self.named_trainable}
-        if names - set(sd):
-            raise RuntimeError(f"checkpoint {path} lacks trainable tensors: {sorted(names - set(sd))[:5]}")
+        if self.fsdp:
+            if not (path / "fsdp").is_dir():
+                raise RuntimeError(f"checkpoint {path} was not written with train.fsdp=true (no fsdp/ folder)")
+            from blip3o.train import fsdp
+
+            fsdp.load_sharded(self.model, self.optimizer, path / "fsdp")
+        else:
+            sd = load_file(str(path / "trainable.safetensors"))
+            names = {n for n, _ in self.named_trainable}
+            if names - set(sd):
+                raise RuntimeError(f"checkpoint {path} lacks trainable tensors: {sorted(names - set(sd))[:5]}")
+            if self.zero3:  # partitioned parameters come from the engine's own files; buffers from here
+                sd = {n: sd[n] for n, _ in self._persistent_buffers() if n in sd}
+            self.model.load_state_dict(sd, strict=False)
         if self.engine is not None:
             self.engine.load_checkpoint(str(path / "deepspeed"), tag="state", load_module_strict=False)
-        else:
+        elif not self.fsdp:
             self.optimizer.load_state_dict(ckpt.load_state(path / "optimizer.pt"))
         self.scheduler.load_state_dict(ckpt.load_state(path / "scheduler.pt"))
         if self.ema is not None and (path / "ema.safetensors").is_file():
@@ -280,7 +341,7 @@ class Trainer:
             logger.info("resume_from_checkpoint=latest: no checkpoint in %s, starting fresh", self.out)
         signal.signal(signal.SIGTERM, self._on_signal)  # Slurm preemption: checkpoint, then exit
         self._init_wandb()
-        flops = self.task.flops_per_sample()
+        flops = self.flops
         bsz = t.per_device_train_batch_size
         from tqdm.auto import tqdm
 
@@ -294,7 +355,8 @@ class Trainer:
     def _loop(self, bar, flops, bsz) -> Dict[str, Any]:
         t = self.cfg.train
         it = iter(self.loader)
-        synced_buffers = self.engine is None  # DDP broadcasts rank 0's buffers before every forward itself
+        # DDP broadcasts rank 0's buffers before every forward itself; DeepSpeed and FSDP do not
+        synced_buffers = self.engine is None and not self.fsdp
         window_t, window_samples = time.perf_counter(), 0
         last = {}
         self.model.train()
@@ -311,7 +373,7 @@ class Trainer:
                     with open(self.out / f"keys-rank{self.dist.rank}.jsonl", "a") as f:
                         f.write(json.dumps({"step": self.step + 1, "keys": list(raw["keys"])}) + "\n")
                 batch = self.task.to_device(raw, self.dist.device)
-                if not synced_buffers:  # DeepSpeed: the first batch may set buffers from rank-local data
+                if not synced_buffers:  # DeepSpeed/FSDP: the first batch may set buffers from rank-local data
                     broadcast_buffers(self.model)  # (target_norm=channel statistics): keep rank 0's, as DDP does
                     synced_buffers = True
                 with self._autocast():
@@ -347,8 +409,13 @@ class Trainer:
                 grad_norm = self.engine.get_global_grad_norm()
                 grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
             else:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_([p for _, p in self.named_trainable],
-                                                                 t.max_grad_norm))
+                norm = torch.nn.utils.clip_grad_norm_([p for _, p in self.named_trainable], t.max_grad_norm)
+                if self.fsdp:
+                    from blip3o.train.fsdp import full_norm
+
+                    grad_norm = full_norm(norm)
+                else:
+                    grad_norm = float(norm)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
             self.scheduler.step()
@@ -392,8 +459,9 @@ class Trainer:
                 return {"stopped_by_signal": True, "step": self.step}
         if self.dist.is_main and hasattr(self.loader, "summary"):
             logger.info("data: %s", self.loader.summary())
+        full = self._gather_full()  # collective under ZeRO-3/FSDP
         if self.dist.is_main:
-            self.task.save_final(self.out, self.ema)
+            self.task.save_final(self.out, self.ema, state_dict=full)
         barrier()
         if self.wandb is not None:
             self.wandb.finish()
