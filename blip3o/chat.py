@@ -242,13 +242,14 @@ class Blip3oChat:
         return s
 
     def _prompt(self, turns: Sequence[Turn], user_parts: Sequence[Part], skip=None, image_slot=False):
-        """(token ids, images in slot order) for ``turns`` + a final user turn + the open assistant turn."""
+        """(token ids, images in slot order) for ``turns`` + a final user turn + the open assistant turn;
+        ``skip``: an image left out of ``turns`` (the edit turn moves the latest image into its user turn)."""
         tpl, images = self.tpl, []
         s = tpl.bos + tpl.system_start + self.system + tpl.turn_end
         for t in turns:
             start = tpl.user_start if t.role == "user" else tpl.assistant_start
             s += start + self._content(t.parts, skip, images) + tpl.turn_end
-        s += tpl.user_start + self._content(user_parts, skip, images) + tpl.turn_end + tpl.assistant_start
+        s += tpl.user_start + self._content(user_parts, None, images) + tpl.turn_end + tpl.assistant_start
         ids = self.tok(s, add_special_tokens=False)["input_ids"]
         if image_slot:
             ids.append(self.tok.convert_tokens_to_ids(IMG_START_TOKEN))
