@@ -210,19 +210,30 @@ def test_bad_input_gets_one_line(pipe, tmp_path):
     assert chat.history == []
 
 
-def run_cli(*argv):
+@contextlib.contextmanager
+def loaded(pipe):
+    """Entry points get the already-loaded tiny pipeline (loading itself is covered by test_inference.py)."""
+    from unittest import mock
+
+    from blip3o.pipeline import Blip3oPipeline
+
+    with mock.patch.object(Blip3oPipeline, "from_pretrained", lambda *a, **k: pipe):
+        yield
+
+
+def run_cli(pipe, *argv):
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("blip3o_inference_cli", ROOT / "inference.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), loaded(pipe):
         rc = mod.main([str(a) for a in argv])
     return rc, out.getvalue(), err.getvalue()
 
 
-def test_cli_chat_script_writes_transcript_and_images(tiny_ckpt, tmp_path):
+def test_cli_chat_script_writes_transcript_and_images(pipe, tiny_ckpt, tmp_path):
     Image.new("RGB", (56, 56), (30, 60, 220)).save(tmp_path / "blue.png")
     turns = [{"text": "a red circle", "mode": "image"}, {"text": "what colour is it?", "mode": "text"},
              {"text": "now make it blue", "mode": "edit"}, {"text": "and this one?", "image": str(tmp_path / "blue.png")},
@@ -230,7 +241,7 @@ def test_cli_chat_script_writes_transcript_and_images(tiny_ckpt, tmp_path):
     script = tmp_path / "turns.jsonl"
     script.write_text("\n".join(json.dumps(t) for t in turns) + "\n")
     out = tmp_path / "chat"
-    rc, stdout, err = run_cli(tiny_ckpt, "--chat-script", script, "--out-dir", out, "--steps", 2, "--decoder-steps", 2,
+    rc, stdout, err = run_cli(pipe, tiny_ckpt, "--chat-script", script, "--out-dir", out, "--steps", 2, "--decoder-steps", 2,
                               "--max-new-tokens", 4)
     assert rc == 0, err
     lines = [json.loads(l) for l in (out / "transcript.jsonl").read_text().splitlines()]
@@ -242,25 +253,25 @@ def test_cli_chat_script_writes_transcript_and_images(tiny_ckpt, tmp_path):
     assert "reasoning" in lines[4] and (out / lines[4]["images"][0]).with_suffix(".reasoning.txt").is_file()
 
 
-def test_cli_interactive_chat(tiny_ckpt, tmp_path, monkeypatch):
+def test_cli_interactive_chat(pipe, tiny_ckpt, tmp_path, monkeypatch):
     monkeypatch.setattr("sys.stdin", io.StringIO("/mode image\na red circle\n/mode edit\nmake it blue\n/reset\n"
                                                  "/mode edit\nmake it green\n/quit\n"))
-    rc, stdout, err = run_cli(tiny_ckpt, "--chat", "--out-dir", tmp_path / "c", "--steps", 2, "--decoder-steps", 2)
+    rc, stdout, err = run_cli(pipe, tiny_ckpt, "--chat", "--out-dir", tmp_path / "c", "--steps", 2, "--decoder-steps", 2)
     assert rc == 0, err
     assert len(list((tmp_path / "c").glob("*.png"))) == 2
     assert "edit turn needs an image" in stdout  # after /reset, reported and the loop goes on
 
 
-def test_cli_classify_reason_interleaved(tiny_ckpt, tmp_path):
-    rc, stdout, err = run_cli(tiny_ckpt, "--image", ROOT / "tests" / "data" / "blue.png", "--classify", "cat, dog,bird")
+def test_cli_classify_reason_interleaved(pipe, tiny_ckpt, tmp_path):
+    rc, stdout, err = run_cli(pipe, tiny_ckpt, "--image", ROOT / "tests" / "data" / "blue.png", "--classify", "cat, dog,bird")
     assert rc == 0, err
     ranked = [l.split()[0] for l in stdout.strip().splitlines()]
     assert sorted(ranked) == ["bird", "cat", "dog"]
-    rc, stdout, err = run_cli(tiny_ckpt, "--prompt", "a red circle", "--reason", "--out", tmp_path / "r.png",
+    rc, stdout, err = run_cli(pipe, tiny_ckpt, "--prompt", "a red circle", "--reason", "--out", tmp_path / "r.png",
                               "--steps", 2, "--decoder-steps", 2, "--max-new-tokens", 4)
     assert rc == 0, err
     assert (tmp_path / "r.png").is_file() and (tmp_path / "r.reasoning.txt").is_file()
-    rc, stdout, err = run_cli(tiny_ckpt, "--prompt", "tell me about circles", "--interleaved", "--out",
+    rc, stdout, err = run_cli(pipe, tiny_ckpt, "--prompt", "tell me about circles", "--interleaved", "--out",
                               tmp_path / "answer.md", "--steps", 2, "--decoder-steps", 2, "--max-new-tokens", 4)
     assert rc == 0, err
     assert (tmp_path / "answer.md").is_file()
@@ -274,29 +285,31 @@ def test_cli_classify_reason_interleaved(tiny_ckpt, tmp_path):
     (["--chat-script", "{bad_image}", "--out-dir", "{tmp}/o"], "cannot read image"),
     (["--chat-script", "{edit_first}"], "--chat-script needs --out-dir"),
 ])
-def test_cli_chat_errors_are_one_line(tiny_ckpt, tmp_path, argv, message):
+def test_cli_chat_errors_are_one_line(pipe, tiny_ckpt, tmp_path, argv, message):
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"not a png")
     (tmp_path / "e.jsonl").write_text(json.dumps({"text": "make it blue", "mode": "edit"}) + "\n")
     (tmp_path / "b.jsonl").write_text(json.dumps({"text": "what?", "image": str(bad)}) + "\n")
     fmt = dict(blue=ROOT / "tests" / "data" / "blue.png", bad=bad, edit_first=tmp_path / "e.jsonl",
                bad_image=tmp_path / "b.jsonl", tmp=tmp_path)
-    rc, stdout, err = run_cli(tiny_ckpt, *[a.format(**fmt) for a in argv])
+    rc, stdout, err = run_cli(pipe, tiny_ckpt, *[a.format(**fmt) for a in argv])
     assert rc == 2 and message in err.strip().splitlines()[-1]
 
 
-def test_geneval_and_dpg_rewrite_use_reasoning(tiny_ckpt, tmp_path):
+def test_geneval_and_dpg_rewrite_use_reasoning(pipe, tiny_ckpt, tmp_path):
     from blip3o.eval import dpg, geneval
 
     p = tmp_path / "p.jsonl"
     p.write_text(json.dumps({"tag": "single_object", "prompt": "a photo of a cat"}) + "\n")
-    assert geneval.main([str(tiny_ckpt), "--prompts", str(p), "--out", str(tmp_path / "g"), "--n-samples", "1",
-                         "--steps", "2", "--rewrite"]) == 0
+    with loaded(pipe):
+        assert geneval.main([str(tiny_ckpt), "--prompts", str(p), "--out", str(tmp_path / "g"), "--n-samples", "1",
+                             "--steps", "2", "--rewrite"]) == 0
     assert json.loads((tmp_path / "g" / "generation_settings.json").read_text())["rewrite"] is True
     assert (tmp_path / "g" / "00000" / "reasoning.txt").is_file()
     d = tmp_path / "dpg.jsonl"
     d.write_text(json.dumps({"name": "a1", "prompt": "a red circle"}) + "\n")
-    assert dpg.main([str(tiny_ckpt), "--prompts", str(d), "--out", str(tmp_path / "d"), "--n-samples", "1",
-                     "--steps", "2", "--rewrite"]) == 0
+    with loaded(pipe):
+        assert dpg.main([str(tiny_ckpt), "--prompts", str(d), "--out", str(tmp_path / "d"), "--n-samples", "1",
+                         "--steps", "2", "--rewrite"]) == 0
     assert (tmp_path / "d" / "a1.reasoning.txt").is_file()
     assert json.loads((tmp_path / "d" / "generation_settings.json").read_text())["rewrite"] is True
