@@ -151,6 +151,13 @@ class _Vision:
             hit = self._cache[id(im)] = (im, v["pixel_values"], v["image_grid_thw"])
         return hit[1], hit[2]
 
+    def forget(self, im: Optional[Image.Image] = None) -> None:
+        """Frees the cached pixels of ``im`` (of every image when None): dropped images must not stay in memory."""
+        if im is None:
+            self._cache.clear()
+        elif id(im) in self._cache and self._cache[id(im)][0] is im:
+            del self._cache[id(im)]
+
     def n_tokens(self, im: Image.Image) -> int:
         return int(self.encode(im)[1][0].prod()) // (self.merge * self.merge)
 
@@ -220,6 +227,8 @@ class Blip3oChat:
 
     def reset(self) -> None:
         self.history = []
+        if self._vision is not None:
+            self._vision.forget()
 
     @property
     def messages(self) -> List[dict]:
@@ -260,6 +269,7 @@ class Blip3oChat:
             for i, p in enumerate(t.parts):
                 if isinstance(p, Image.Image) and p is not keep:
                     t.parts[i] = DROPPED_IMAGE
+                    self._vision.forget(p)
                     return True
         return False
 
