@@ -139,6 +139,13 @@ def _launch(demo, monkeypatch, tries: int = 3) -> int:
                 raise
 
 
+def _wait_for(browser, seconds, *selectors):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    WebDriverWait(browser, seconds).until(lambda b: all(b.find_elements(By.CSS_SELECTOR, c) for c in selectors))
+
+
 def test_browser_prompt_run_shows_image(pipe, tmp_path, monkeypatch):
     chromium, driver = shutil.which("chromium") or "/usr/bin/chromium", shutil.which("chromedriver") or "/usr/bin/chromedriver"
     if not (os.path.exists(chromium) and os.path.exists(driver)):
@@ -164,7 +171,9 @@ def test_browser_prompt_run_shows_image(pipe, tmp_path, monkeypatch):
             opts.add_argument(a)
         browser = webdriver.Chrome(service=webdriver.ChromeService(executable_path=driver), options=opts)
         browser.get(f"http://127.0.0.1:{port}/")
-        box = WebDriverWait(browser, 90).until(lambda b: b.find_element(By.CSS_SELECTOR, "#prompt textarea"))
+        # the page renders in pieces (slowly on a loaded machine): wait for every control the test touches
+        _wait_for(browser, 90, "#prompt textarea", "#run", "#answer textarea", "#gallery")
+        box = browser.find_element(By.CSS_SELECTOR, "#prompt textarea")
         # empty input first: an error message in the answer box, no image
         browser.find_element(By.CSS_SELECTOR, "#run").click()
         WebDriverWait(browser, 60).until(
@@ -178,7 +187,9 @@ def test_browser_prompt_run_shows_image(pipe, tmp_path, monkeypatch):
 
         # the Chat tab: draw, then edit the drawing (it comes back through the vision tower), then reset
         browser.find_element(By.XPATH, "//button[@role='tab'][contains(., 'Chat')]").click()
-        chat_box = WebDriverWait(browser, 30).until(lambda b: b.find_element(By.CSS_SELECTOR, "#chat_text textarea"))
+        _wait_for(browser, 60, "#chat_text textarea", "#chat_mode label", "#chat_send", "#chat_reset",
+                  "#chat_status textarea", "#chatbot")
+        chat_box = browser.find_element(By.CSS_SELECTOR, "#chat_text textarea")
         for mode, text, n_imgs in [("image", "a red circle", 1), ("edit", "make it blue", 2)]:
             browser.find_element(By.XPATH, f"//*[@id='chat_mode']//label[contains(., '{mode}')]").click()
             chat_box.send_keys(text)
