@@ -7,6 +7,13 @@
     python inference.py CKPT --image photo.jpg --question "What is in the image?"     # understanding
     python inference.py CKPT --image photo.jpg --edit --prompt "make it blue"           # editing
     python inference.py CKPT --prompt "..." --embeddings-only --out feats.pt            # CLIP features only
+    python inference.py CKPT --prompt "the fruit monkeys like" --reason --out x.png     # + x.reasoning.txt
+    python inference.py CKPT --image photo.jpg --classify "cat,dog,bird"                # zero-shot ranking
+    python inference.py CKPT --prompt "how are barns built?" --interleaved --out answer.md   # text + images
+    python inference.py CKPT --chat --out-dir chat_out/                                 # interactive chat
+    python inference.py CKPT --chat-script turns.jsonl --out-dir DIR    # DIR/transcript.jsonl + images
+
+Chat turns, scripts and transcripts: see blip3o/chat.py and blip3o/chat_io.py.
 
 A checkpoint without a pixel decoder still works: the generated features are saved (``.pt``) and the
 command says so. Nothing is downloaded: CHECKPOINT_DIR must be a local directory.
@@ -43,7 +50,44 @@ def parse_args(argv=None):
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--cpu-offload", action="store_true", help="keep only the running stage on the GPU")
     p.add_argument("--max-new-tokens", type=int, default=128)
+    g = p.add_argument_group("conversation, reasoning, classification")
+    g.add_argument("--chat", action="store_true", help="interactive multi-turn chat on this terminal (images to --out-dir)")
+    g.add_argument("--chat-script", help="JSONL of user turns {text, image, mode}; needs --out-dir")
+    g.add_argument("--reason", action="store_true", help="the backbone describes what to draw before the queries run")
+    g.add_argument("--interleaved", action="store_true", help="answer --prompt with text and <image> pictures (Markdown)")
+    g.add_argument("--classify", help='comma-separated labels to rank for --image, e.g. "cat,dog,bird"')
+    g.add_argument("--max-images", type=int, default=4, help="chat history budget: images kept (oldest dropped first)")
+    g.add_argument("--max-history-tokens", type=int, default=4096, help="chat history budget: prompt tokens")
+    g.add_argument("--no-truncate", action="store_true", help="over the history budget: error instead of dropping")
     return p.parse_args(argv)
+
+
+def run_conversation(args, pipe, prompts, image) -> int:
+    """--chat, --chat-script, --interleaved and --classify (errors: ChatError, reported by main in one line)."""
+    from blip3o import chat_io
+    from blip3o.chat import classify
+
+    if args.classify is not None:
+        labels = [l.strip() for l in args.classify.split(",") if l.strip()]
+        for label, score in classify(pipe, image, labels):
+            print(f"{label}\t{score:.4f}")
+        return 0
+    chat = pipe.chat(max_images=args.max_images, max_tokens=args.max_history_tokens, truncate=not args.no_truncate,
+                     seed=args.seed, guidance_scale=args.guidance, num_inference_steps=args.steps,
+                     decoder_guidance_scale=args.decoder_guidance, decoder_num_inference_steps=args.decoder_steps,
+                     max_new_tokens=args.max_new_tokens)
+    if args.chat_script:
+        n = chat_io.run_chat_script(chat, chat_io.read_chat_script(args.chat_script), args.out_dir)
+        print(f"wrote {n} model turns to {Path(args.out_dir) / 'transcript.jsonl'}")
+        return 0
+    if args.chat:
+        return chat_io.interactive(chat, args.out_dir or "chat_out")
+    md = Path(args.out)
+    md = md if md.suffix in (".md", ".markdown") else md.with_suffix(".md")
+    sections = [(p, chat.send(p, image=image if i == 0 else None, interleaved=True)) for i, p in enumerate(prompts)]
+    chat_io.write_markdown(sections, md)
+    print(f"wrote {md} with {sum(len(r.images) for _, r in sections)} images beside it")
+    return 0
 
 
 def read_prompts(args) -> list:
@@ -84,13 +128,26 @@ def main(argv=None) -> int:
         except (FileNotFoundError, UnidentifiedImageError, OSError) as e:
             print(f"error: cannot read image {args.image}: {e.__class__.__name__}", file=sys.stderr)
             return 2
+    if args.classify is not None and image is None:
+        print("error: --classify needs --image", file=sys.stderr)
+        return 2
+    if args.chat_script and not args.out_dir:
+        print("error: --chat-script needs --out-dir (where the transcript and images go)", file=sys.stderr)
+        return 2
+    if args.interleaved and not prompts:
+        print("error: --interleaved needs --prompt", file=sys.stderr)
+        return 2
+    if args.reason and (args.edit or args.question or args.embeddings_only):
+        print("error: --reason applies to text -> image (drop --edit / --question / --embeddings-only)", file=sys.stderr)
+        return 2
+    conversation = bool(args.chat or args.chat_script or args.interleaved or args.classify is not None)
     if args.question and image is None:
         print("error: --question needs --image", file=sys.stderr)
         return 2
     if args.edit and (image is None or not prompts):
         print("error: --edit needs --image and --prompt (the instruction)", file=sys.stderr)
         return 2
-    demo = not prompts and image is None
+    demo = not prompts and image is None and not conversation
     if demo:
         prompts = ["A photo of cute cat"]
     n = args.num_images if args.num_images is not None else (4 if demo else 1)
@@ -112,7 +169,7 @@ def main(argv=None) -> int:
 
     try:
         pipe = Blip3oPipeline.from_pretrained(ckpt, device=args.device, dtype=args.dtype,
-                                              load_decoder=not args.embeddings_only)
+                                              load_decoder=not (args.embeddings_only or args.classify is not None))
     except (FileNotFoundError, OSError, ValueError) as e:
         print(f"error: cannot load {ckpt}: {e}", file=sys.stderr)
         return 2
@@ -125,6 +182,14 @@ def main(argv=None) -> int:
             print(f"error: --height/--width: {e}", file=sys.stderr)
             return 2
 
+    if conversation:
+        from blip3o.chat import ChatError
+
+        try:
+            return run_conversation(args, pipe, prompts, image)
+        except ChatError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     if args.question:
         print(pipe.understand(image, args.question, max_new_tokens=args.max_new_tokens))
         return 0
@@ -149,8 +214,16 @@ def main(argv=None) -> int:
         res = pipe(prompts, num_images_per_prompt=n, seed=args.seed, guidance_scale=args.guidance,
                    num_inference_steps=args.steps, decoder_guidance_scale=args.decoder_guidance,
                    decoder_num_inference_steps=args.decoder_steps, height=args.height, width=args.width,
-                   progress=progress)
+                   progress=progress, reason=args.reason)
         images = res.images
+        if res.reasoning is not None:  # saved beside the image(s): what the queries read after each prompt
+            text = "".join(f"prompt: {p}\nreasoning: {r}\n\n" for p, r in zip(prompts, res.reasoning))
+            out.with_suffix(".reasoning.txt").write_text(text)
+            if args.out_dir:
+                Path(args.out_dir).mkdir(parents=True, exist_ok=True)
+                for i, r in enumerate(res.reasoning):
+                    (Path(args.out_dir) / f"{i:03d}.reasoning.txt").write_text(r + "\n")
+            print(text.strip())
     import math
 
     # one prompt: a near-square grid (the reference's demo is 2x2); several: one row per prompt

@@ -5,6 +5,10 @@
     feats = pipe.embed(["a red circle"])                              # (B, 64, C) target tokens
     answer = pipe.understand(image, "What is in the image?")
     edited = pipe.edit(image, "make the circle blue", seed=0).images
+    out = pipe(["the fruit monkeys like, in the colour of the sky"], reason=True)   # out.reasoning[0]
+    chat = pipe.chat(max_images=4)                                    # multi-turn: see blip3o/chat.py
+    chat.send("a red circle", mode="image"); chat.send("now make it blue", mode="edit")
+    ranking = pipe.classify(image, ["cat", "dog", "bird"])           # [(label, score)], best first
 
 Stage 1 (queries + DiT) and stage 2 (the diffusion decoder) each have their own guidance scale and
 step count. Seeds are per image (``seed + i`` for image i, or a list of generators), so an image
@@ -28,6 +32,7 @@ logger = logging.getLogger(__name__)
 class Blip3oPipelineOutput:
     images: List[Image.Image]
     features: torch.Tensor  # (N, C, h, w) generated target features
+    reasoning: Optional[List[str]] = None  # per prompt, with reason=True: what the backbone decided to draw
 
 
 def _dtype(d):
@@ -165,14 +170,49 @@ class Blip3oPipeline:
                  seed: Optional[int] = None, generator=None, guidance_scale: Optional[float] = None,
                  num_inference_steps: Optional[int] = None, decoder_guidance_scale: Optional[float] = None,
                  decoder_num_inference_steps: Optional[int] = None, height: Optional[int] = None,
-                 width: Optional[int] = None, progress=None) -> Blip3oPipelineOutput:
+                 width: Optional[int] = None, progress=None, reason: bool = False) -> Blip3oPipelineOutput:
+        """Prompt(s) -> images. ``reason=True``: the backbone first writes a short description of what to draw
+        for each prompt, and the queries read the prompt plus that description (returned as ``reasoning``)."""
+        reasoning = None
+        if reason:
+            from blip3o.chat import with_reasoning
+
+            prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+            reasoning = self.reason(prompts)
+            prompts = [with_reasoning(p, r) for p, r in zip(prompts, reasoning)]
         feats = self.embed(prompts, num_images_per_prompt, seed, generator, guidance_scale, num_inference_steps,
                            progress)
         # The decoder gets its own per-image generators, derived from the same seeds.
         dgens = self._generators(feats.shape[0], seed if seed is not None else None, None) if generator is None \
             else [torch.Generator().manual_seed(int(g.initial_seed()) + 10 ** 6) for g in generator]
         images = self.decode(feats, dgens, decoder_guidance_scale, decoder_num_inference_steps, height, width)
-        return Blip3oPipelineOutput(images=images, features=feats)
+        return Blip3oPipelineOutput(images=images, features=feats, reasoning=reasoning)
+
+    # -- conversation, reasoning, classification (blip3o/chat.py) --------------------------------------------
+    def chat(self, **kwargs):
+        """A new conversation (Blip3oChat): multi-turn text and images; kwargs: max_images, max_tokens, truncate..."""
+        from blip3o.chat import Blip3oChat
+
+        return Blip3oChat(self, **kwargs)
+
+    @torch.no_grad()
+    def reason(self, prompts: Union[str, Sequence[str]], max_new_tokens: int = 96) -> List[str]:
+        """The backbone's short explicit description (objects, attributes, layout) of what to draw per prompt."""
+        from blip3o.chat import Blip3oChat
+
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        chat = Blip3oChat(self, reason_max_new_tokens=max_new_tokens)
+        self._stage(self.model)
+        out = [chat.reason(p) for p in prompts]
+        self._unstage(self.model)
+        return out
+
+    @torch.no_grad()
+    def classify(self, image, labels: Sequence[str], question: Optional[str] = None):
+        """Zero-shot: ``labels`` ranked by length-normalised log-likelihood as the answer -> [(label, score)]."""
+        from blip3o.chat import CLASSIFY_PROMPT, classify
+
+        return classify(self, image, labels, question or CLASSIFY_PROMPT)
 
     # -- image -> text -----------------------------------------------------------------------------------
     @torch.no_grad()

@@ -10,6 +10,9 @@ What it does, by what you fill in:
   * a prompt, no image                    -> ``num_images`` generated images (text -> image);
   * an image and a question               -> a text answer from the backbone (image -> text);
   * an image and a prompt, no question    -> edited images, the prompt being the instruction (image + text -> image).
+The Chat tab holds a conversation (blip3o/chat.py): every message may carry an uploaded image, the mode switch
+picks what the model does (auto: the backbone decides; text; image; edit: changes the latest picture of the
+conversation), with optional reasoning before drawing and interleaved text-and-picture answers; Reset starts over.
 Seed 0-10000 (``Randomize`` draws a new one per run and shows it), guidance 0-30 (classifier-free guidance of
 the DiT stage; ``--decoder-guidance`` sets the pixel decoder's), 1-8 images. Empty input gives an error message
 in the output box.
@@ -23,6 +26,7 @@ For tests and notebooks, the parts are plain functions:
     from scripts.demo import build_demo, generate
     images, text = generate(pipe, prompt="a red circle", seed=42, guidance=3.0, num_images=2)
     demo = build_demo(pipe)            # a gr.Blocks; demo.launch(server_name="127.0.0.1", ...)
+    chat, messages, status = chat_turn(pipe, None, [], "a red circle", mode="image")   # the Chat tab's step
 """
 from __future__ import annotations
 
@@ -140,10 +144,43 @@ def generate(pipe, prompt: Optional[str] = None, image=None, question: Optional[
     return images, f"{len(images)} image(s) {what}, seed {s}, guidance {g:g}{note}."
 
 
+CHAT_MODES = ("auto", "text", "image", "edit")
+
+
+def chat_turn(pipe, chat, messages: List[dict], text: Optional[str], image=None, mode: str = "auto",
+              reason: bool = False, interleaved: bool = False, *, steps: Optional[int] = None,
+              decoder_guidance: Optional[float] = None, decoder_steps: Optional[int] = None,
+              max_new_tokens: int = 256) -> Tuple[object, List[dict], str]:
+    """One Chat-tab step -> (chat, messages, status). ``chat`` is None on the first turn (a new Blip3oChat is
+    made); ``messages`` are ``{"role", "content"}`` dicts whose content is text or a PIL image (the UI turns
+    images into gr.Image). Input the chat refuses raises DemoInputError with its one-line reason."""
+    from blip3o.chat import ChatError
+
+    if chat is None:
+        chat = pipe.chat(num_inference_steps=steps, decoder_guidance_scale=decoder_guidance,
+                         decoder_num_inference_steps=decoder_steps, max_new_tokens=max_new_tokens)
+    if mode not in CHAT_MODES:
+        raise DemoInputError(f"Unknown mode {mode!r}; choose one of {', '.join(CHAT_MODES)}.")
+    try:
+        reply = chat.send((text or "").strip(), image=image, mode=mode, reason=bool(reason),
+                          interleaved=bool(interleaved))
+    except ChatError as e:
+        raise DemoInputError(str(e)[:1].upper() + str(e)[1:] + ".") from None
+    user = chat.history[-2]
+    messages = list(messages) + [{"role": "user", "content": p} for p in user.parts]
+    messages += [{"role": "assistant", "content": p} for p in reply.parts if not (isinstance(p, str) and not p)]
+    if not reply.parts or reply.parts == [""]:
+        messages.append({"role": "assistant", "content": "(the model gave an empty answer)"})
+    status = f"{reply.mode} turn" + (f"; {reply.notice}" if reply.notice else "")
+    return chat, messages, status
+
+
 def build_demo(pipe, *, steps: Optional[int] = None, decoder_guidance: Optional[float] = None,
                decoder_steps: Optional[int] = None, max_new_tokens: int = 256, title: str = "BLIP3-o"):
-    """The Gradio UI around ``generate`` -> gr.Blocks (not launched). Elements have stable ids for tests:
-    #prompt, #image, #question, #seed, #randomize, #guidance, #num_images, #run, #clear, #gallery, #answer."""
+    """The Gradio UI around ``generate`` and ``chat_turn`` -> gr.Blocks (not launched). Stable ids for tests:
+    Generate tab: #prompt, #image, #question, #seed, #randomize, #guidance, #num_images, #run, #clear, #gallery,
+    #answer; Chat tab (#tab_chat): #chatbot, #chat_text, #chat_image, #chat_mode, #chat_reason, #chat_interleaved,
+    #chat_send, #chat_reset, #chat_status."""
     import gradio as gr
 
     def on_run(prompt, image, question, seed, randomize, guidance, num_images):
@@ -165,35 +202,84 @@ def build_demo(pipe, *, steps: Optional[int] = None, decoder_guidance: Optional[
     def on_clear():
         return "", None, "", [], ""
 
+    def as_gradio(messages):
+        return [{"role": m["role"], "content": m["content"] if isinstance(m["content"], str)
+                 else gr.Image(value=m["content"], format="png")} for m in messages]
+
+    def on_chat(chat, messages, text, image, mode, reason, interleaved):
+        try:
+            chat, messages, status = chat_turn(pipe, chat, messages, text, image, mode, reason, interleaved,
+                                               steps=steps, decoder_guidance=decoder_guidance,
+                                               decoder_steps=decoder_steps, max_new_tokens=max_new_tokens)
+        except DemoInputError as e:
+            return chat, messages, as_gradio(messages), f"Error: {e}", text, image
+        except Exception as e:  # shown in the UI, the conversation so far is kept
+            logger.exception("chat turn failed")
+            return chat, messages, as_gradio(messages), f"Error: {type(e).__name__}: {e}", text, image
+        return chat, messages, as_gradio(messages), status, "", None
+
+    def on_chat_reset():
+        return None, [], [], "New conversation.", "", None
+
     with gr.Blocks(title=title, analytics_enabled=False) as demo:
-        gr.Markdown(f"# {title}\nType a prompt to generate images; upload an image and ask a question for a text "
-                    "answer; upload an image and type a prompt (no question) to edit it.")
-        with gr.Row():
-            with gr.Column():
-                prompt = gr.Textbox(label="Prompt", placeholder="A photo of a cute cat", lines=2, elem_id="prompt")
-                image = gr.Image(label="Image (optional)", type="pil", sources=["upload", "clipboard"],
-                                 elem_id="image")
-                question = gr.Textbox(label="Question about the image", placeholder="What is in the image?",
-                                      elem_id="question")
-                with gr.Row():
-                    seed = gr.Slider(SEED_MIN, SEED_MAX, value=DEFAULT_SEED, step=1, label="Seed", elem_id="seed")
-                    randomize = gr.Checkbox(value=False, label="Randomize seed", elem_id="randomize")
-                with gr.Row():
-                    guidance = gr.Slider(GUIDANCE_MIN, GUIDANCE_MAX, value=DEFAULT_GUIDANCE, step=0.5,
-                                         label="Guidance", elem_id="guidance")
-                    num_images = gr.Slider(1, MAX_IMAGES, value=DEFAULT_IMAGES, step=1, label="Number of images",
-                                           elem_id="num_images")
-                with gr.Row():
-                    run = gr.Button("Run", variant="primary", elem_id="run")
-                    clear = gr.Button("Clear", elem_id="clear")
-            with gr.Column():
-                gallery = gr.Gallery(label="Images", columns=2, elem_id="gallery", format="png")
-                answer = gr.Textbox(label="Answer / status", lines=4, interactive=False, elem_id="answer")
-        inputs = [prompt, image, question, seed, randomize, guidance, num_images]
-        run.click(on_run, inputs, [gallery, answer, seed], concurrency_limit=1)
-        prompt.submit(on_run, inputs, [gallery, answer, seed], concurrency_limit=1)
-        clear.click(on_clear, None, [prompt, image, question, gallery, answer], queue=False)
+        gr.Markdown(f"# {title}")
+        with gr.Tab("Generate", elem_id="tab_generate"):
+            _single_turn_ui(gr, on_run, on_clear)
+        with gr.Tab("Chat", elem_id="tab_chat"):
+            gr.Markdown("A conversation: pictures the model drew earlier (and images you upload) stay in context; "
+                        "*edit* changes the latest picture, *auto* lets the model decide.")
+            chat_state, messages_state = gr.State(None), gr.State([])
+            chatbot = gr.Chatbot(label="Conversation", elem_id="chatbot", height=480)
+            with gr.Row():
+                chat_text = gr.Textbox(label="Message", placeholder="a red barn at dusk", lines=2, scale=3,
+                                       elem_id="chat_text")
+                chat_image = gr.Image(label="Image (optional)", type="pil", sources=["upload", "clipboard"],
+                                      scale=1, elem_id="chat_image")
+            with gr.Row():
+                chat_mode = gr.Radio(list(CHAT_MODES), value="auto", label="Mode", elem_id="chat_mode")
+                chat_reason = gr.Checkbox(value=False, label="Reason before drawing", elem_id="chat_reason")
+                chat_inter = gr.Checkbox(value=False, label="Interleaved answer", elem_id="chat_interleaved")
+            with gr.Row():
+                send = gr.Button("Send", variant="primary", elem_id="chat_send")
+                reset = gr.Button("Reset", elem_id="chat_reset")
+            chat_status = gr.Textbox(label="Status", interactive=False, elem_id="chat_status")
+            chat_in = [chat_state, messages_state, chat_text, chat_image, chat_mode, chat_reason, chat_inter]
+            chat_out = [chat_state, messages_state, chatbot, chat_status, chat_text, chat_image]
+            send.click(on_chat, chat_in, chat_out, concurrency_limit=1)
+            chat_text.submit(on_chat, chat_in, chat_out, concurrency_limit=1)
+            reset.click(on_chat_reset, None, chat_out, queue=False)
     return demo
+
+
+def _single_turn_ui(gr, on_run, on_clear):
+    """The Generate tab: one prompt / question / edit at a time."""
+    gr.Markdown("Type a prompt to generate images; upload an image and ask a question for a text answer; "
+                "upload an image and type a prompt (no question) to edit it.")
+    with gr.Row():
+        with gr.Column():
+            prompt = gr.Textbox(label="Prompt", placeholder="A photo of a cute cat", lines=2, elem_id="prompt")
+            image = gr.Image(label="Image (optional)", type="pil", sources=["upload", "clipboard"],
+                             elem_id="image")
+            question = gr.Textbox(label="Question about the image", placeholder="What is in the image?",
+                                  elem_id="question")
+            with gr.Row():
+                seed = gr.Slider(SEED_MIN, SEED_MAX, value=DEFAULT_SEED, step=1, label="Seed", elem_id="seed")
+                randomize = gr.Checkbox(value=False, label="Randomize seed", elem_id="randomize")
+            with gr.Row():
+                guidance = gr.Slider(GUIDANCE_MIN, GUIDANCE_MAX, value=DEFAULT_GUIDANCE, step=0.5,
+                                     label="Guidance", elem_id="guidance")
+                num_images = gr.Slider(1, MAX_IMAGES, value=DEFAULT_IMAGES, step=1, label="Number of images",
+                                       elem_id="num_images")
+            with gr.Row():
+                run = gr.Button("Run", variant="primary", elem_id="run")
+                clear = gr.Button("Clear", elem_id="clear")
+        with gr.Column():
+            gallery = gr.Gallery(label="Images", columns=2, elem_id="gallery", format="png")
+            answer = gr.Textbox(label="Answer / status", lines=4, interactive=False, elem_id="answer")
+    inputs = [prompt, image, question, seed, randomize, guidance, num_images]
+    run.click(on_run, inputs, [gallery, answer, seed], concurrency_limit=1)
+    prompt.submit(on_run, inputs, [gallery, answer, seed], concurrency_limit=1)
+    clear.click(on_clear, None, [prompt, image, question, gallery, answer], queue=False)
 
 
 def _is_loopback(host: str) -> bool:

@@ -48,3 +48,15 @@ def test_dit_mfu_with_backbone_and_flop_count(tmp_path):
     assert f["p_img"] + f["p_ctx"] + f["p_once"] == linear
     assert f["params"] == 1_365_010_336
     assert 0.8 * f["six_n_t"] < f["train"] < f["six_n_t"]
+
+
+def test_chat_latency_tiny_cpu(tmp_path, capsys):
+    bench = _load("chat_latency", ROOT / "benchmarks" / "chat_latency.py")
+    out = tmp_path / "chat.json"
+    assert bench.main(["--repeats", "1", "--warmup", "0", "--steps", "1", "--decoder-steps", "1", "--max-new-tokens", "2",
+                       "--json", str(out)]) == 0
+    res = json.loads(out.read_text())["turns"]
+    assert {k: v["images"] for k, v in res.items()} == {"text": 0, "image": 1, "edit": 1, "reason + image": 1,
+                                                        "interleaved (2 images)": 2}
+    assert all(math.isfinite(v["median_s"]) and v["median_s"] > 0 for v in res.values())
+    assert "load average" in capsys.readouterr().out

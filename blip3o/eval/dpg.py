@@ -4,7 +4,9 @@
     torchrun --nproc_per_node=8 -m blip3o.eval.dpg CKPT --prompts ... --out ...
 
 Prompts are ``{"name", "prompt"}`` JSONL (or a folder of ``<name>.txt``). Settings go to
-``OUT/generation_settings.json``. Scoring (mPLUG VQA over DPG's questions) is external.
+``OUT/generation_settings.json``. ``--rewrite``: the backbone first writes an explicit description of each prompt
+(``Blip3oPipeline(..., reason=True)``), the queries read prompt + description, saved as ``OUT/{name}.reasoning.txt``.
+Scoring (mPLUG VQA over DPG's questions) is external.
 """
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ def read_dpg_prompts(path: str) -> List[Dict]:
 
 
 def generate_dpg(pipe, rows, out: str, seed: int = 42, n_samples: int = 4, guidance_scale=None,
-                 num_inference_steps=None, rank: int = 0, world_size: int = 1) -> int:
+                 num_inference_steps=None, rank: int = 0, world_size: int = 1, rewrite: bool = False) -> int:
     import math
 
     import torch
@@ -49,7 +51,9 @@ def generate_dpg(pipe, rows, out: str, seed: int = 42, n_samples: int = 4, guida
             continue
         gens = [torch.Generator().manual_seed(seed + k) for k in range(n_samples)]
         res = pipe([r["prompt"]], num_images_per_prompt=n_samples, generator=gens, guidance_scale=guidance_scale,
-                   num_inference_steps=num_inference_steps)
+                   num_inference_steps=num_inference_steps, reason=rewrite)
+        if res.reasoning is not None:
+            (out_p / f"{r['name']}.reasoning.txt").write_text(res.reasoning[0] + "\n")
         make_grid(res.images, cols=math.ceil(math.sqrt(n_samples))).save(out_p / f"{r['name']}.png")
         done += 1
     return done
@@ -64,6 +68,7 @@ def main(argv=None) -> int:
     p.add_argument("--n-samples", type=int, default=4)
     p.add_argument("--guidance", type=float, default=None)
     p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--rewrite", action="store_true", help="the backbone rewrites each prompt first (reasoning.txt)")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None)
     a = p.parse_args(argv)
@@ -83,8 +88,9 @@ def main(argv=None) -> int:
             {"checkpoint": str(a.checkpoint), "prompts": a.prompts, "seed": a.seed, "n_samples": a.n_samples,
              "grid": "2x2" if a.n_samples == 4 else f"{a.n_samples} tiles",
              "guidance_scale": a.guidance or pipe.model.config.guidance_scale,
-             "num_inference_steps": a.steps or pipe.model.config.num_inference_steps}, indent=2))
-    n = generate_dpg(pipe, rows, a.out, a.seed, a.n_samples, a.guidance, a.steps, rank, world)
+             "num_inference_steps": a.steps or pipe.model.config.num_inference_steps, "rewrite": a.rewrite},
+            indent=2))
+    n = generate_dpg(pipe, rows, a.out, a.seed, a.n_samples, a.guidance, a.steps, rank, world, rewrite=a.rewrite)
     print(f"rank {rank}: wrote {n} grids to {a.out}")
     return 0
 

@@ -6,7 +6,9 @@
 
 Writes GenEval's layout: ``OUT/{index:05d}/metadata.jsonl`` (the prompt's row), ``OUT/{index:05d}/samples/
 {k:04d}.png`` and ``OUT/{index:05d}/grid.png``, plus ``OUT/generation_settings.json`` with the exact settings
-(seed, guidance, steps, rewrite flag, checkpoint). Prompt i gets seeds ``seed + k`` for its k-th sample, so
+(seed, guidance, steps, rewrite flag, checkpoint). ``--rewrite``: prompt rewriting by the model itself: the backbone
+first writes a short description of what to draw (``Blip3oPipeline(..., reason=True)``), the queries read the
+prompt plus that description, and it is saved as ``OUT/{index:05d}/reasoning.txt``. Prompt i gets seeds ``seed + k`` for its k-th sample, so
 the output does not depend on the number of ranks.
 """
 from __future__ import annotations
@@ -35,7 +37,7 @@ def read_prompt_rows(path: str) -> List[Dict]:
 def generate_geneval(pipe, rows: List[Dict], out: str, n_samples: int = 4, seed: int = 42, batch_size: int = 8,
                      guidance_scale: Optional[float] = None, num_inference_steps: Optional[int] = None,
                      decoder_guidance_scale: Optional[float] = None, rank: int = 0, world_size: int = 1,
-                     progress: bool = True) -> int:
+                     progress: bool = True, rewrite: bool = False) -> int:
     """Generates the rows assigned to this rank (strided by index); returns the number of images."""
     from tqdm.auto import tqdm
 
@@ -52,11 +54,13 @@ def generate_geneval(pipe, rows: List[Dict], out: str, n_samples: int = 4, seed:
         gens = [__import__("torch").Generator().manual_seed(seed + k) for _ in chunk for k in range(n_samples)]
         res = pipe([r["prompt"] for _, r in chunk], num_images_per_prompt=n_samples, generator=gens,
                    guidance_scale=guidance_scale, num_inference_steps=num_inference_steps,
-                   decoder_guidance_scale=decoder_guidance_scale)
+                   decoder_guidance_scale=decoder_guidance_scale, reason=rewrite)
         for j, (i, r) in enumerate(chunk):
             d = out_p / f"{i:05d}"
             (d / "samples").mkdir(parents=True, exist_ok=True)
             (d / "metadata.jsonl").write_text(json.dumps(r) + "\n")
+            if res.reasoning is not None:
+                (d / "reasoning.txt").write_text(res.reasoning[j] + "\n")
             ims = res.images[j * n_samples:(j + 1) * n_samples]
             for k, im in enumerate(ims):
                 im.save(d / "samples" / f"{k:04d}.png")
@@ -78,7 +82,7 @@ def main(argv=None) -> int:
     p.add_argument("--guidance", type=float, default=None)
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--decoder-guidance", type=float, default=None)
-    p.add_argument("--rewrite", action="store_true", help="recorded only: prompts are used as given (no rewriting)")
+    p.add_argument("--rewrite", action="store_true", help="the backbone rewrites each prompt into an explicit description first (saved as reasoning.txt)")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None)
     a = p.parse_args(argv)
@@ -108,7 +112,7 @@ def main(argv=None) -> int:
                     "decoder_guidance_scale": a.decoder_guidance, "rewrite": a.rewrite, "world_size": world}
         (Path(a.out) / "generation_settings.json").write_text(json.dumps(settings, indent=2))
     n = generate_geneval(pipe, rows, a.out, a.n_samples, a.seed, a.batch_size, a.guidance, a.steps,
-                         a.decoder_guidance, rank, world)
+                         a.decoder_guidance, rank, world, rewrite=a.rewrite)
     print(f"rank {rank}: wrote {n} images to {a.out}")
     return 0
 
