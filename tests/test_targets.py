@@ -59,9 +59,10 @@ def _pixels(enc, b=2, seed=0):
 
 
 def test_registry_and_presets():
-    assert set(TARGETS.names()) == {"eva_clip", "siglip", "vae"}
-    for name in TARGETS.names():
+    assert set(TARGETS.names()) == {"eva_clip", "siglip", "vae", "toy_clip"}
+    for name in ("eva_clip", "siglip", "vae"):
         assert {"official", "tiny"} <= set(TARGET_PRESETS[name])
+    assert set(TARGET_PRESETS["toy_clip"]) == {"tiny"}  # the toy world's own CLIP: trained, never official
 
 
 @pytest.mark.parametrize("name,preset,overrides", TINY, ids=TINY_IDS)

@@ -164,7 +164,6 @@ class ToyClipModel(nn.Module):
     def hard_negatives(self, ids: torch.Tensor, k: int = 4, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """(B, L) -> (B, k, L): each caption with one swappable word replaced by another of its group;
         even k swap a shape word, odd k a colour word (a row without such a word stays unchanged)."""
-        colour, shapes = self._groups[0], self._groups[1:]
         out = ids.unsqueeze(1).repeat(1, k, 1)
         lut = torch.full((len(self.word_ids) + 2,), -1, dtype=torch.long)
         for gi, g in enumerate(self._groups):
@@ -180,7 +179,6 @@ class ToyClipModel(nn.Module):
                 g = self._groups[int(grp[b, pos[b]])]
                 choice = g[(g.index(tok) + 1 + int(torch.randint(len(g) - 1, (1,), generator=generator))) % len(g)]
                 out[b, j, pos[b]] = choice
-        del colour, shapes
         return out
 
     def encode_text(self, texts_or_ids) -> torch.Tensor:

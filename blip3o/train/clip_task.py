@@ -14,11 +14,11 @@ import logging
 from pathlib import Path
 from typing import Dict
 
-import numpy as np
 import torch
 
 from blip3o.config import ExperimentConfig
 from blip3o.train.distributed import DistInfo
+from blip3o.train.image_task import ImageLoaderTask
 
 logger = logging.getLogger("blip3o.train")
 
@@ -34,14 +34,10 @@ class _ClipModule(torch.nn.Module):
         return self.clip(images, captions, generator=generator)
 
 
-class ClipTask:
+class ClipTask(ImageLoaderTask):
     def __init__(self, cfg: ExperimentConfig, dist: DistInfo):
-        from transformers import AutoTokenizer
-
-        from blip3o.models.backbone import resolve_backbone_path
         from blip3o.models.targets import TARGET_PRESETS
         from blip3o.models.toy_clip import ToyClipModel
-        from blip3o.prompts import add_special_tokens
 
         m = cfg.model
         if m.target != "toy_clip":
@@ -53,25 +49,7 @@ class ClipTask:
         self.clip = ToyClipModel(TARGET_PRESETS["toy_clip"][m.target_preset], **m.target_kwargs)
         self.model = _ClipModule(self.clip)
         self.image_size = int(self.clip.config["image_size"])
-        # The shared loader also builds generation prompts for every sample; this task reads the raw captions.
-        self.tokenizer = AutoTokenizer.from_pretrained(resolve_backbone_path(m.backbone, m.backbone_path))
-        add_special_tokens(self.tokenizer)
-
-    def image_transform(self, img):
-        from blip3o.models.targets import resize_center_crop
-
-        img = resize_center_crop(img.convert("RGB"), self.image_size)
-        return torch.from_numpy(np.asarray(img, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1.0
-
-    def build_loader(self, rank: int, world_size: int, seed: int):
-        from blip3o.data import build_train_dataloader
-
-        c = self.cfg
-        return build_train_dataloader(
-            c.data, self.tokenizer, image_transform=self.image_transform, rank=rank, world_size=world_size,
-            seed=seed, batch_size=c.train.per_device_train_batch_size, num_workers=c.data.num_workers,
-            template="chatml", num_queries=c.model.num_queries, max_length=c.model.max_length,
-            target_signature=None)
+        self._init_tokenizer()  # the loader's prompts are unused: this task reads the raw captions
 
     def to_device(self, batch, device):
         return {"images": batch["pixel_values"].to(device), "captions": batch["captions"]}

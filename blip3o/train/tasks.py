@@ -20,6 +20,7 @@ import torch
 
 from blip3o.config import ExperimentConfig
 from blip3o.train.distributed import DistInfo
+from blip3o.train.image_task import ImageLoaderTask
 
 logger = logging.getLogger("blip3o.train")
 
@@ -250,7 +251,7 @@ class _DecoderModule(torch.nn.Module):
         return loss, parts
 
 
-class DecoderTask:
+class DecoderTask(ImageLoaderTask):
     """Reconstruction training of the CLIP->pixels decoder: image -> frozen target encoder -> pooled
     features -> the decoder learns to recover the image (reference §3.2). The loader yields decoder
     images in [-1, 1]; the target's input is resampled from the same crop, so both see one view."""
@@ -280,34 +281,7 @@ class DecoderTask:
         self.image_size = int(pipe.default_image_size)
         self.model = _DecoderModule(pipe, m.decoder_null_prob, m.decoder_feature_noise)
         self.val_images = None
-        from transformers import AutoTokenizer
-
-        from blip3o.models.backbone import resolve_backbone_path
-
-        # The loader builds generation prompts for every sample; the decoder ignores them.
-        self.tokenizer = AutoTokenizer.from_pretrained(resolve_backbone_path(m.backbone, m.backbone_path))
-        from blip3o.prompts import add_special_tokens
-
-        add_special_tokens(self.tokenizer)
-
-    def image_transform(self, img):
-        from blip3o.models.targets import resize_center_crop
-
-        img = resize_center_crop(img.convert("RGB"), self.image_size)
-        import numpy as np
-
-        arr = torch.from_numpy(np.asarray(img, dtype=np.float32)).permute(2, 0, 1)
-        return arr / 127.5 - 1.0
-
-    def build_loader(self, rank: int, world_size: int, seed: int):
-        from blip3o.data import build_train_dataloader
-
-        c = self.cfg
-        return build_train_dataloader(
-            c.data, self.tokenizer, image_transform=self.image_transform, rank=rank, world_size=world_size,
-            seed=seed, batch_size=c.train.per_device_train_batch_size, num_workers=c.data.num_workers,
-            template="chatml", num_queries=c.model.num_queries, max_length=c.model.max_length,
-            target_signature=None)
+        self._init_tokenizer()  # the loader builds generation prompts for every sample; the decoder ignores them
 
     def features_of(self, images: torch.Tensor) -> torch.Tensor:
         """[-1, 1] decoder images -> target tokens (B, N, C)."""
