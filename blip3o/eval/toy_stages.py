@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
@@ -37,7 +36,6 @@ import torch
 from PIL import Image
 
 from blip3o.data import toy
-from blip3o.data.streams import derive_seed
 from blip3o.eval.toy import score_image
 
 TAGS = list(toy.TAGS)

@@ -23,7 +23,6 @@ image tower, so ``TargetEncoder.from_pretrained`` and the generator load it like
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -33,7 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from blip3o.models.targets import CONFIG_NAME, HALF, TARGET_PRESETS, TARGETS, TargetEncoder
+from blip3o.models.targets import HALF, TARGET_PRESETS, TARGETS, TargetEncoder
 
 TEXT_WEIGHTS = "text_tower.safetensors"
 PAD, UNK = 0, 1
@@ -252,11 +251,6 @@ class ToyClipModel(nn.Module):
             model.logit_scale.copy_(text.pop("logit_scale")[0])
         model.text.load_state_dict(text)
         return model.to(device or "cpu").eval()
-
-
-def read_config(path: str) -> Dict[str, Any]:
-    with open(os.path.join(path, CONFIG_NAME)) as f:
-        return json.load(f)["config"]
 
 
 @torch.no_grad()
