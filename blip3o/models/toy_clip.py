@@ -151,6 +151,9 @@ class ToyClipModel(nn.Module):
         self.word_ids = {w: i + 2 for i, w in enumerate(c["vocab"])}
         # word id -> (group, position in group) for the hard-negative swaps
         self._groups = [[self.word_ids[w] for w in g] for g in c["hard_negative_groups"]]
+        self._group_of = torch.full((len(self.word_ids) + 2,), -1, dtype=torch.long)  # word id -> group, -1 none
+        for gi, g in enumerate(self._groups):
+            self._group_of[torch.tensor(g)] = gi
 
     # -- text ---------------------------------------------------------------------------------------------
     def tokenize(self, texts: Sequence[str], max_words: int = 48) -> torch.Tensor:
@@ -164,10 +167,7 @@ class ToyClipModel(nn.Module):
         """(B, L) -> (B, k, L): each caption with one swappable word replaced by another of its group;
         even k swap a shape word, odd k a colour word (a row without such a word stays unchanged)."""
         out = ids.unsqueeze(1).repeat(1, k, 1)
-        lut = torch.full((len(self.word_ids) + 2,), -1, dtype=torch.long)
-        for gi, g in enumerate(self._groups):
-            lut[torch.tensor(g)] = gi
-        grp = lut[ids.cpu()]
+        grp = self._group_of[ids.cpu()]
         for j in range(k):
             want = (grp == 0) if j % 2 else (grp >= 1)
             score = torch.rand(ids.shape, generator=generator) * want
