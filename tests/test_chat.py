@@ -51,40 +51,38 @@ def query_prompts(pipe):
 
 
 @contextlib.contextmanager
+def lm_head_edit(pipe, edit):
+    """Runs ``edit(logits) -> logits`` on every output of the backbone's lm_head while the block is open."""
+    h = pipe.model.backbone.lm_head.register_forward_hook(lambda mod, inp, out: edit(out.clone()))
+    try:
+        yield
+    finally:
+        h.remove()
+
+
 def forced_text(pipe, text):
     """Makes the backbone's generate write ``text`` (then end the turn): one forced token per lm_head call."""
     tok = pipe.model.tokenizer
     target = tok(text, add_special_tokens=False)["input_ids"] + [tok.convert_tokens_to_ids("<|im_end|>")]
     step = [0]
 
-    def hook(mod, inp, out):
-        out = out.clone()
+    def edit(out):
         out[:, -1, target[min(step[0], len(target) - 1)]] += 1e4
         step[0] += 1
         return out
 
-    h = pipe.model.backbone.lm_head.register_forward_hook(hook)
-    try:
-        yield
-    finally:
-        h.remove()
+    return lm_head_edit(pipe, edit)
 
 
-@contextlib.contextmanager
 def boosted(pipe, word, by=30.0):
     """Raises the backbone's logits of ``word``'s tokens everywhere: its likelihood as an answer is forced up."""
     ids = pipe.model.tokenizer(word, add_special_tokens=False)["input_ids"]
 
-    def hook(mod, inp, out):
-        out = out.clone()
+    def edit(out):
         out[..., ids] += by
         return out
 
-    h = pipe.model.backbone.lm_head.register_forward_hook(hook)
-    try:
-        yield
-    finally:
-        h.remove()
+    return lm_head_edit(pipe, edit)
 
 
 def pixels(pipe, *images):
