@@ -10,6 +10,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from blip3o.data.transforms import center_crop, resize_shorter  # noqa: E402
 from blip3o.models.targets import (  # noqa: E402
     OPENAI_CLIP_MEAN,
     OPENAI_CLIP_STD,
@@ -21,7 +22,6 @@ from blip3o.models.targets import (  # noqa: E402
     load_target_encoder,
     make_tiny_target,
     map_eva_clip_state_dict,
-    resize_center_crop,
     to_eva_clip_state_dict,
 )
 
@@ -258,7 +258,7 @@ def test_preprocessing_constants_and_sizes():
     assert build_target_encoder("siglip", device="meta").image_size == 512
     # shorter side -> 448 (long side truncated like torchvision), then a centered 448 crop
     im = Image.new("RGB", (600, 300))
-    assert resize_center_crop(im, 448).size == (448, 448)
+    assert center_crop(resize_shorter(im, 448), 448).size == (448, 448)
     # 1344x448 needs no resize: black | white | black thirds -> the crop is exactly the white middle
     arr = np.zeros((448, 1344, 3), np.uint8)
     arr[:, 448:896] = 255

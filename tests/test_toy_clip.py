@@ -7,8 +7,7 @@ import sys
 import pytest
 import torch
 
-from blip3o.models.targets import TargetEncoder, load_target_encoder
-from blip3o.models.toy_clip import ToyClipModel, ToyClipTarget, zero_shot_accuracy
+from blip3o.models.targets import TargetEncoder, ToyClipModel, ToyClipTarget, load_target_encoder, zero_shot_accuracy
 from tests.conftest import ROOT, run_env
 
 

@@ -156,7 +156,7 @@ def run_stages(run: str, prompts: str, model_dir: Optional[str] = None, samples_
     # (d) the toy CLIP: zero-shot accuracy, and its judgement of the generated features
     clip_dir = run_p / "clip"
     if (clip_dir / "text_tower.safetensors").is_file():
-        from blip3o.models.toy_clip import ToyClipModel
+        from blip3o.models.targets import ToyClipModel
 
         clip = ToyClipModel.from_pretrained(str(clip_dir))
         out["generator_clip"] = clip_rank_score(clip, gen, rows, samples_per_prompt)

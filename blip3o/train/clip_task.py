@@ -1,4 +1,4 @@
-"""Training task ``clip``: the toy world's CLIP (``blip3o.models.toy_clip``) on image-caption shards.
+"""Training task ``clip``: the toy world's CLIP (``blip3o.models.targets.toy_clip``) on image-caption shards.
 
     python -m blip3o.train configs/toy_clip.yaml
     python -m blip3o.train configs/toy_clip.yaml data.train_shards=toy_data/train train.max_minutes=3
@@ -37,7 +37,7 @@ class _ClipModule(torch.nn.Module):
 class ClipTask(ImageLoaderTask):
     def __init__(self, cfg: ExperimentConfig, dist: DistInfo):
         from blip3o.models.targets import TARGET_PRESETS
-        from blip3o.models.toy_clip import ToyClipModel
+        from blip3o.models.targets import ToyClipModel
 
         m = cfg.model
         if m.target != "toy_clip":
@@ -77,7 +77,7 @@ class ClipTask(ImageLoaderTask):
     @torch.no_grad()
     def sample(self, path: Path, ema=None):
         """Zero-shot accuracy of the current weights (JSON beside where image tasks write their grid)."""
-        from blip3o.models.toy_clip import zero_shot_accuracy
+        from blip3o.models.targets import zero_shot_accuracy
 
         was = self.clip.training
         self.clip.eval()
@@ -90,7 +90,7 @@ class ClipTask(ImageLoaderTask):
         return out
 
     def save_final(self, out: Path, ema=None, state_dict=None):
-        from blip3o.models.toy_clip import zero_shot_accuracy
+        from blip3o.models.targets import zero_shot_accuracy
 
         if state_dict is not None:
             raise ValueError("the clip task does not support sharded engines (ZeRO-3, FSDP): it is a toy-sized model")

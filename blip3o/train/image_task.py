@@ -23,9 +23,9 @@ class ImageLoaderTask:
         add_special_tokens(self.tokenizer)
 
     def image_transform(self, img) -> torch.Tensor:
-        from blip3o.models.targets import resize_center_crop
+        from blip3o.data.transforms import center_crop, resize_shorter
 
-        img = resize_center_crop(img.convert("RGB"), self.image_size)
+        img = center_crop(resize_shorter(img.convert("RGB"), self.image_size), self.image_size)
         return torch.from_numpy(np.asarray(img, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1.0
 
     def build_loader(self, rank: int, world_size: int, seed: int):

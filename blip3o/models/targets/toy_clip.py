@@ -25,14 +25,20 @@ from __future__ import annotations
 
 import math
 import os
+import random
 import re
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 
-from blip3o.models.targets import HALF, TARGET_PRESETS, TARGETS, TargetEncoder
+from blip3o.data import toy
+from blip3o.data.streams import derive_seed
+from blip3o.data.transforms import HALF
+from blip3o.models.targets.base import TARGETS, TargetEncoder
 
 TEXT_WEIGHTS = "text_tower.safetensors"
 PAD, UNK = 0, 1
@@ -41,8 +47,6 @@ _WORD = re.compile(r"[a-z]+")
 
 def toy_vocabulary() -> List[str]:
     """Every word the toy captions (short and long) use, from the toy grammar itself."""
-    from blip3o.data import toy
-
     words = set(toy.COLORS) | set(toy.SHAPES) | {s + "s" for s in toy.SHAPES} | set(toy.NUMBERS.values())
     words |= set(" ".join(toy.RELATIONS).split()) | {"a", "an", "and", "to", "the", "filled", "on", "plain",
                                                       "white", "background", "one", "in", "at", "centre", "top",
@@ -52,12 +56,10 @@ def toy_vocabulary() -> List[str]:
 
 def toy_hard_negative_groups() -> List[List[str]]:
     """Words that swap for one another to make a hard negative caption: colours, shapes, plural shapes."""
-    from blip3o.data import toy
-
     return [sorted(toy.COLORS), list(toy.SHAPES), [s + "s" for s in toy.SHAPES]]
 
 
-TARGET_PRESETS["toy_clip"] = {
+TOY_CLIP_PRESETS = {  # TARGET_PRESETS["toy_clip"]
     "tiny": dict(image_size=64, stem=4, widths=[48, 64, 96], dim=32, embed_dim=64, pool="meanmax",
                  text_width=64, vocab=toy_vocabulary(), hard_negative_groups=toy_hard_negative_groups(),
                  mean=list(HALF), std=list(HALF), interpolation="bicubic", dtype="float32"),
@@ -139,7 +141,7 @@ class ToyClipModel(nn.Module):
 
     def __init__(self, config: Optional[Dict[str, Any]] = None, device=None, **overrides):
         super().__init__()
-        c = dict(TARGET_PRESETS["toy_clip"]["tiny"] if config is None else config)
+        c = dict(TOY_CLIP_PRESETS["tiny"] if config is None else config)
         unknown = set(overrides) - set(c)
         if unknown:
             raise ValueError(f"toy_clip: unknown setting(s) {sorted(unknown)}; settings are {sorted(c)}")
@@ -227,8 +229,6 @@ class ToyClipModel(nn.Module):
 
     def save_pretrained(self, path: str) -> str:
         """A target-encoder directory (the image tower) plus the text tower and temperature beside it."""
-        from safetensors.torch import save_file
-
         self.as_target().save_pretrained(path)
         text = {k: v.detach().contiguous().cpu() for k, v in self.text.state_dict().items()}
         text["logit_scale"] = self.logit_scale.detach().cpu().reshape(1)
@@ -237,8 +237,6 @@ class ToyClipModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str, device=None) -> "ToyClipModel":
-        from safetensors.torch import load_file
-
         if not os.path.isfile(os.path.join(path, TEXT_WEIGHTS)):
             raise FileNotFoundError(f"{path} has no {TEXT_WEIGHTS}: not a toy CLIP saved by the clip task")
         target = TargetEncoder.from_pretrained(path)
@@ -258,13 +256,6 @@ def zero_shot_accuracy(model: ToyClipModel, n: int = 300, seed: int = 0) -> Dict
     """Zero-shot toy classification on ``n`` single-object scenes from a stream training never draws
     (``(seed, "clip-zero-shot", i)``): the shape among the three (colour given) and the colour among the six
     (shape given), each by ranking the captions "a <colour> <shape>"."""
-    import random
-
-    import numpy as np
-
-    from blip3o.data import toy
-    from blip3o.data.streams import derive_seed
-
     scenes = [toy.sample_scene(random.Random(derive_seed(seed, "clip-zero-shot", i)), tag="single_object")
               for i in range(n)]
     dev = model.logit_scale.device
