@@ -25,6 +25,8 @@ from typing import List, Optional, Sequence, Union
 import torch
 from PIL import Image
 
+from blip3o.models.targets import TARGETS
+
 logger = logging.getLogger(__name__)
 
 
@@ -124,7 +126,7 @@ class Blip3oPipeline:
             raise ValueError("height/width need a pixel decoder, and this checkpoint has none")
 
     def has_decoder(self) -> bool:
-        return self.decoder is not None or self.model.config.target == "vae"
+        return self.decoder is not None or TARGETS.get(self.model.config.target).decodes_to_pixels
 
     def decode(self, feats: torch.Tensor, generators, guidance_scale: Optional[float] = None,
                num_inference_steps: Optional[int] = None, height: Optional[int] = None,
@@ -141,7 +143,7 @@ class Blip3oPipeline:
                                output_type="pil", **kw)
             self._unstage(self.decoder)
             return list(out.images if hasattr(out, "images") else out)
-        if self.model.config.target == "vae":
+        if TARGETS.get(self.model.config.target).decodes_to_pixels:
             pix = self.model.target_encoder.decode(feats.to(self.device)).clamp(-1, 1)
             arr = ((pix + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
             return [Image.fromarray(a) for a in arr]

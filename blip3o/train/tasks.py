@@ -181,7 +181,7 @@ class T2ITask:
         if self.decoder is not None:
             tokens = feats.flatten(2).transpose(1, 2)  # (B, C, h, w) -> (B, h*w, C), row-major
             return self.decoder(tokens, output_type="pil")
-        if self.cfg.model.target == "vae":
+        if self.target.decodes_to_pixels:
             pix = self.target.decode(feats.to(self.dist.device)).clamp(-1, 1)
             from PIL import Image
 
@@ -293,10 +293,7 @@ class DecoderTask(ImageLoaderTask):
             x = F.interpolate(x, size=(s, s), mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
         mean = torch.tensor(self.target.mean, device=x.device).view(1, 3, 1, 1)
         std = torch.tensor(self.target.std, device=x.device).view(1, 3, 1, 1)
-        if self.cfg.model.target == "vae":
-            x = x * 2 - 1
-        else:
-            x = (x - mean) / std
+        x = (x - mean) / std  # the encoder's own normalisation (VAE: mean = std = 0.5, i.e. [-1, 1])
         with torch.no_grad():
             f = self.target.encode(x)
         return f.flatten(2).transpose(1, 2)
