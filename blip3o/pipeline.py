@@ -58,7 +58,7 @@ class Blip3oPipeline:
     @classmethod
     def from_pretrained(cls, path: Union[str, os.PathLike], device: Union[str, torch.device, None] = None,
                         dtype=None, decoder_path: Optional[str] = None, load_decoder: bool = True):
-        from blip3o.models.fusion import load_generation_model
+        from blip3o.models.loading import load_generation_model
 
         path = Path(path)
         if not path.is_dir():

@@ -1,18 +1,25 @@
 """An official-layout BLIP3o directory (tiny fixture) loads with no unexplained keys and generates."""
 import logging
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from blip3o.models.blip3o import Blip3oForConditionalGeneration
+from blip3o.models.loading import checkpoint_kind, load_generation_model
 from blip3o.models.official import rename_official_key
 from tests.official_fixture import write_official_fixture
 
 
 def test_official_layout_loads_and_generates(tmp_path, caplog):
     d = write_official_fixture(tmp_path / "BLIP3o-Model-4B")
+    assert checkpoint_kind(d) == "official"
+    # our own class never lets transformers read the flat official config; the loader converts it
+    with pytest.raises(ValueError, match="load_generation_model"):
+        Blip3oForConditionalGeneration.from_pretrained(d)
     with caplog.at_level(logging.INFO, logger="blip3o.models.official"):
-        m = Blip3oForConditionalGeneration.from_pretrained(d)
+        m = load_generation_model(d)
+    assert type(m) is Blip3oForConditionalGeneration
     assert "ignored 1 tensors" in caplog.text and "model.gen_vision_tower" in caplog.text
     assert m.config.num_queries == 64 and m.config.target_channels == 32
     # every tensor of the release landed where it belongs

@@ -26,14 +26,29 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
+from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoTokenizer, PretrainedConfig, PreTrainedModel
 from transformers.utils import ModelOutput
 
 from blip3o.models.backbone import get_backbone
+from blip3o.models.dit import DiTConfig, NextDiT
+from blip3o.models.targets import load_target_encoder
+from blip3o.models.understanding import answer
 from blip3o.objectives import build_objective
 from blip3o.prompts import tokenize_for_generation
 
 logger = logging.getLogger(__name__)
+
+# The language model's attention and MLP projections that LoRA adapters wrap (joint recipe, transfusion).
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def add_lora_adapters(layers: nn.Module, rank: int, alpha: float) -> None:
+    """peft LoRA adapters (rank, alpha, no dropout) on ``LORA_TARGETS`` inside ``layers``."""
+    # peft is imported here, not at the top: only LoRA runs need it, so the package is not required otherwise.
+    from peft import LoraConfig, inject_adapter_in_model
+
+    inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=list(LORA_TARGETS)),
+                            layers)
 
 
 class Blip3oConfig(PretrainedConfig):
@@ -122,8 +137,6 @@ class GeneratorModelMixin:
         """The frozen target encoder, loaded on first use from ``config.target_path`` (relative paths
         are resolved against the directory the model was loaded from)."""
         if self._target_encoder is None:
-            from blip3o.models.targets import load_target_encoder
-
             path = self.config.target_path
             if path is None:
                 raise RuntimeError("this model has no target encoder attached and config.target_path is empty")
@@ -174,13 +187,9 @@ class GeneratorModelMixin:
         self._source_dir = path if os.path.isdir(path) else None
         self.apply_recipe()
         if self._source_dir and (Path(path) / "tokenizer_config.json").is_file():
-            from transformers import AutoTokenizer
-
             self.tokenizer = AutoTokenizer.from_pretrained(path)
             self.tokenizer.padding_side = "left"
         if self._source_dir and (Path(path) / "preprocessor_config.json").is_file():
-            from transformers import AutoImageProcessor
-
             self.image_processor = AutoImageProcessor.from_pretrained(path)
 
 
@@ -193,8 +202,6 @@ class Blip3oForConditionalGeneration(GeneratorModelMixin, PreTrainedModel):
 
     def __init__(self, config: Blip3oConfig, backbone: Optional[nn.Module] = None):
         super().__init__(config)
-        from blip3o.models.dit import DiTConfig, NextDiT
-
         self.adapter = get_backbone(config.backbone)
         self.backbone = backbone if backbone is not None else self.adapter.from_config(
             config.backbone_config, attn_implementation=config.attn_implementation_backbone)
@@ -224,12 +231,7 @@ class Blip3oForConditionalGeneration(GeneratorModelMixin, PreTrainedModel):
 
     def add_lora(self, rank: int, alpha: float) -> None:
         """peft LoRA adapters on the language model's attention and MLP projections (as transfusion's)."""
-        from peft import LoraConfig, inject_adapter_in_model
-
-        from blip3o.models.fusion import LORA_TARGETS
-
-        inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0,
-                                           target_modules=list(LORA_TARGETS)), self.adapter.decoder(self.backbone).layers)
+        add_lora_adapters(self.adapter.decoder(self.backbone).layers, rank, alpha)
         self.config.lora_rank, self.config.lora_alpha = rank, alpha
 
     def apply_recipe(self) -> None:
@@ -382,21 +384,22 @@ class Blip3oForConditionalGeneration(GeneratorModelMixin, PreTrainedModel):
     def understand(self, images, questions: Sequence[str], processor=None, max_new_tokens: int = 64,
                    do_sample: bool = False) -> List[str]:
         """Image + question -> answer through the backbone's own chat and generate (unchanged)."""
-        from blip3o.models.understanding import answer
-
         return answer(self, images, questions, processor=processor, max_new_tokens=max_new_tokens,
                       do_sample=do_sample)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """Loads a directory saved from this class. Official BLIP3-o releases and fusion models have other
+        layouts: ``blip3o.models.loading.load_generation_model`` tells them apart and loads any of them."""
         path = str(pretrained_model_name_or_path)
         cfg_file = Path(path) / "config.json"
         if cfg_file.is_file():
-            from blip3o.models.official import OFFICIAL_MODEL_TYPES, load_official
-
+            # transformers must never read another layout's config itself: an official release's flat
+            # Qwen2.5-VL config would silently become a wrong model config
             mtype = json.loads(cfg_file.read_text()).get("model_type")
-            if mtype in OFFICIAL_MODEL_TYPES:
-                return load_official(path, **kwargs)
+            if mtype != cls.config_class.model_type:
+                raise ValueError(f"{path}: model_type '{mtype}' is not '{cls.config_class.model_type}'; load it with "
+                                 f"blip3o.models.loading.load_generation_model")
         elif not os.path.isdir(path) and os.environ.get("HF_HUB_OFFLINE") == "1":
             raise FileNotFoundError(f"model directory '{path}' not found (and HF_HUB_OFFLINE=1 forbids the hub)")
         model = super().from_pretrained(path, *args, **kwargs)

@@ -1,5 +1,6 @@
-"""Build a fresh model for training from a typed ModelConfig: pretrained backbone + target encoder
-+ new queries and DiT. (Loading a saved model is ``Blip3oForConditionalGeneration.from_pretrained``.)"""
+"""Build a fresh model for training from a typed ModelConfig: pretrained backbone + target encoder + new
+queries and DiT (``generator: blip3o``), or new projections on the backbone (transfusion / lmfusion).
+``init_from`` continues a saved model instead (``blip3o.models.loading`` reads it)."""
 from __future__ import annotations
 
 import logging
@@ -7,18 +8,23 @@ import os
 from typing import Tuple
 
 import torch
+from transformers import AutoImageProcessor, AutoTokenizer
 
 from blip3o.config import ModelConfig
+from blip3o.models import targets
 from blip3o.models.backbone import check_local_or_allowed, get_backbone, materialize, resolve_backbone_path
 from blip3o.models.blip3o import Blip3oConfig, Blip3oForConditionalGeneration
-from blip3o.prompts import IMG_START_TOKEN, add_special_tokens
+from blip3o.models.dit import DIT_PRESETS
+from blip3o.models.fusion import Blip3oFusionForConditionalGeneration, FusionConfig
+from blip3o.models.hf_config import hf_config_for
+from blip3o.models.loading import load_generation_model
+from blip3o.prompts import (IMG_END_TOKEN, IMG_START_TOKEN, add_special_tokens, encode_generation_prompts,
+                            generation_head_len, get_template)
 
 logger = logging.getLogger(__name__)
 
 
 def resolve_target_path(cfg: ModelConfig) -> str:
-    from blip3o.models import targets
-
     if cfg.target_path:
         if cfg.target_kwargs:
             raise ValueError("model.target_kwargs: applies to building a tiny target preset, not to model.target_path "
@@ -33,19 +39,15 @@ def resolve_target_path(cfg: ModelConfig) -> str:
 
 
 def load_target(cfg: ModelConfig):
-    from blip3o.models.targets import build_target_encoder, load_target_encoder
-
     path = resolve_target_path(cfg)
     try:
-        return load_target_encoder(path)
+        return targets.load_target_encoder(path)
     except (FileNotFoundError, OSError, ValueError):
         # A raw weight file/dir rather than one written by TargetEncoder.save_pretrained.
-        return build_target_encoder(cfg.target, pretrained=path, preset=cfg.target_preset)
+        return targets.build_target_encoder(cfg.target, pretrained=path, preset=cfg.target_preset)
 
 
 def dit_config_for(cfg: ModelConfig, channels: int, grid, hidden: int) -> dict:
-    from blip3o.models.dit import DIT_PRESETS
-
     if cfg.dit_preset not in DIT_PRESETS:
         raise ValueError(f"model.dit_preset: '{cfg.dit_preset}' is not one of {sorted(DIT_PRESETS)}")
     d = DIT_PRESETS[cfg.dit_preset].to_dict()
@@ -56,11 +58,6 @@ def dit_config_for(cfg: ModelConfig, channels: int, grid, hidden: int) -> dict:
     d.update(cfg.dit)
     d["gradient_checkpointing"] = cfg.gradient_checkpointing
     return d
-
-
-def objective_kwargs_for(cfg: ModelConfig) -> dict:
-    return dict(time_sampling=cfg.time_sampling, logit_mean=cfg.logit_mean, logit_std=cfg.logit_std,
-                shift=cfg.time_shift, sample_timesteps=cfg.sample_timesteps)
 
 
 def embed_new_tokens_as_mean(backbone, tokenizer, new_ids) -> None:
@@ -79,8 +76,6 @@ def embed_new_tokens_as_mean(backbone, tokenizer, new_ids) -> None:
 def load_backbone(cfg: ModelConfig, dtype: torch.dtype = torch.float32):
     """(adapter, resolved path, backbone, tokenizer) with our special tokens added (left padding) and their
     new embedding rows set to the mean of the old ones."""
-    from transformers import AutoTokenizer
-
     adapter = get_backbone(cfg.backbone)
     bpath = resolve_backbone_path(cfg.backbone, cfg.backbone_path)
     check_local_or_allowed(bpath, "model.backbone_path")
@@ -95,8 +90,6 @@ def load_backbone(cfg: ModelConfig, dtype: torch.dtype = torch.float32):
 
 def attach_image_processor(model, bpath: str) -> None:
     if os.path.isfile(os.path.join(bpath, "preprocessor_config.json")):
-        from transformers import AutoImageProcessor
-
         model.image_processor = AutoImageProcessor.from_pretrained(bpath)
 
 
@@ -104,27 +97,17 @@ def build_model(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> Tuple[B
     if cfg.init_from:
         return _from_saved(cfg)
     if cfg.generator != "blip3o":  # transfusion / lmfusion: the backbone itself denoises latents
-        from blip3o.models.fusion import build_fusion_model
-
         return build_fusion_model(cfg, dtype)
     adapter, bpath, backbone, tokenizer = load_backbone(cfg, dtype)
     hidden = adapter.hidden_size(backbone)
 
     target = load_target(cfg)
     channels, grid = target.channels, list(target.grid)
-    objective_kwargs = objective_kwargs_for(cfg)
-    config = Blip3oConfig(
-        backbone=cfg.backbone, backbone_config=backbone.config.to_dict(), backbone_path=bpath, recipe=cfg.recipe,
-        num_queries=cfg.num_queries, dit_config=dit_config_for(cfg, channels, grid, hidden), target=cfg.target,
-        target_channels=channels, target_grid=grid, target_path=resolve_target_path(cfg),
-        target_norm=cfg.target_norm, objective=cfg.objective, objective_kwargs=objective_kwargs,
-        cfg_dropout=cfg.cfg_dropout, text_loss_weight=cfg.text_loss_weight if cfg.recipe == "joint" else 0.0,
-        decoder=cfg.decoder, decoder_path=cfg.decoder_path, num_inference_steps=cfg.num_inference_steps,
-        guidance_scale=cfg.guidance_scale, max_prompt_length=cfg.max_length,
-        inference_max_length=cfg.inference_max_length, chat_template=adapter.template.name,
-        img_token_id=tokenizer.convert_tokens_to_ids(IMG_START_TOKEN),
-        attn_implementation_backbone=cfg.attn_implementation,
-        lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
+    config = hf_config_for(
+        Blip3oConfig, cfg, backbone_config=backbone.config.to_dict(), backbone_path=bpath,
+        dit_config=dit_config_for(cfg, channels, grid, hidden), target_channels=channels, target_grid=grid,
+        target_path=resolve_target_path(cfg), text_loss_weight=cfg.text_loss_weight if cfg.recipe == "joint" else 0.0,
+        chat_template=adapter.template.name, img_token_id=tokenizer.convert_tokens_to_ids(IMG_START_TOKEN),
     )
     model = Blip3oForConditionalGeneration(config, backbone=backbone)
     model.tokenizer = tokenizer
@@ -133,22 +116,38 @@ def build_model(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> Tuple[B
     return model, tokenizer
 
 
-def _from_saved(cfg: ModelConfig):
-    """Continue from a saved model (ours or official layout): the recipe and loss settings of the new
-    config apply; architecture and weights come from the directory."""
-    import os
+def build_fusion_model(cfg: ModelConfig, dtype: torch.dtype = torch.float32):
+    """A fresh transfusion / lmfusion model from a ModelConfig: pretrained backbone + VAE target + new
+    projections (and, for lmfusion, the image expert copied from the text weights)."""
+    adapter, bpath, backbone, tokenizer = load_backbone(cfg, dtype)
+    target = load_target(cfg)
+    template = get_template(adapter.template.name)
+    uncond = encode_generation_prompts(tokenizer, [""], template, max_length=cfg.max_length, num_queries=0)
+    config = hf_config_for(
+        FusionConfig, cfg, backbone_config=backbone.config.to_dict(), backbone_path=bpath,
+        target_channels=target.channels, target_grid=list(target.grid), target_path=resolve_target_path(cfg),
+        chat_template=template.name, img_token_id=tokenizer.convert_tokens_to_ids(IMG_START_TOKEN),
+        img_end_token_id=tokenizer.convert_tokens_to_ids(IMG_END_TOKEN), prompt_pad_id=tokenizer.pad_token_id,
+        uncond_input_ids=uncond["input_ids"][0].tolist(), prompt_head_len=generation_head_len(tokenizer, template),
+    )
+    model = Blip3oFusionForConditionalGeneration(config, backbone=backbone)
+    model.tokenizer = tokenizer
+    attach_image_processor(model, bpath)
+    model.attach_target_encoder(target)
+    return model, tokenizer
 
+
+def _from_saved(cfg: ModelConfig):
+    """Continue from a saved model (ours, official layout, or fusion): the recipe and loss settings of the
+    new config apply; architecture and weights come from the directory."""
     if not os.path.isdir(cfg.init_from):
         raise FileNotFoundError(f"model.init_from: '{cfg.init_from}' is not a directory")
-    from blip3o.models.fusion import Blip3oFusionForConditionalGeneration, is_fusion_checkpoint
-
-    if is_fusion_checkpoint(cfg.init_from):  # continue a transfusion / lmfusion model
-        model = Blip3oFusionForConditionalGeneration.from_pretrained(cfg.init_from)
+    model = load_generation_model(cfg.init_from)
+    if isinstance(model, Blip3oFusionForConditionalGeneration):  # continue a transfusion / lmfusion model
         model.config.cfg_dropout = cfg.cfg_dropout
         if model._target_encoder is None:
             model.target_encoder  # noqa: B018  (loads from the saved target_path)
         return model, model.tokenizer
-    model = Blip3oForConditionalGeneration.from_pretrained(cfg.init_from)
     have = getattr(model.config, "lora_rank", 0)
     if cfg.lora_rank > 0 and have == 0:
         model.add_lora(cfg.lora_rank, cfg.lora_alpha)

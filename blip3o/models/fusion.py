@@ -37,26 +37,25 @@ H backbone width, C latent channels, h x w latent grid, p patch size.
 from __future__ import annotations
 
 import copy
-import json
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
 from transformers.utils import ModelOutput
 
 from blip3o.models.backbone import get_backbone
-from blip3o.models.blip3o import GeneratorModelMixin
+from blip3o.models.blip3o import GeneratorModelMixin, add_lora_adapters
 from blip3o.models.fusion_layers import TimestepEmbedder, _rope, _route, fusion_attention_mask, patchify, unpatchify
+from blip3o.models.understanding import build_understanding_inputs
 from blip3o.objectives import build_objective
-from blip3o.prompts import encode_generation_prompts, get_template, left_pad, tokenize_for_generation
+from blip3o.prompts import left_pad, tokenize_for_generation
 
 FUSION_GENERATORS = ("transfusion", "lmfusion")
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 class FusionConfig(PretrainedConfig):
@@ -179,10 +178,7 @@ class Blip3oFusionForConditionalGeneration(GeneratorModelMixin, PreTrainedModel)
             self.image_layers = nn.ModuleList(copy.deepcopy(layer) for layer in dec.layers)
             self.image_norm = copy.deepcopy(dec.norm)
         elif config.lora_rank > 0:
-            from peft import LoraConfig, inject_adapter_in_model
-
-            inject_adapter_in_model(LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=0.0,
-                                               target_modules=list(LORA_TARGETS)), dec.layers)
+            add_lora_adapters(dec.layers, config.lora_rank, config.lora_alpha)
         self.register_buffer("target_mean", torch.zeros(c))
         self.register_buffer("target_std", torch.ones(c))
         self.objective = build_objective(config.objective, **config.objective_kwargs)
@@ -302,8 +298,6 @@ class Blip3oFusionForConditionalGeneration(GeneratorModelMixin, PreTrainedModel)
             li = self._image_layer(i) if split is not None else lt
             past = cache.kv[i] if cache is not None else None
             if self._gradient_checkpointing and self.training and torch.is_grad_enabled():
-                from torch.utils.checkpoint import checkpoint
-
                 x, kv = checkpoint(self._layer, lt, li, x, cos, sin, mask, split, past, use_reentrant=False)
             else:
                 x, kv = self._layer(lt, li, x, cos, sin, mask, split, past)
@@ -482,8 +476,6 @@ class Blip3oFusionForConditionalGeneration(GeneratorModelMixin, PreTrainedModel)
     def understand(self, images, questions: Sequence[str], processor=None, max_new_tokens: int = 64,
                    do_sample: bool = False) -> List[str]:
         """Image + question -> answer through the backbone's own chat (LMFusion: the untouched backbone)."""
-        from blip3o.models.understanding import build_understanding_inputs
-
         enc = {k: v.to(self.device) if torch.is_tensor(v) else v
                for k, v in build_understanding_inputs(self, images, questions, processor).items()}
         out = self.backbone.generate(**enc, max_new_tokens=max_new_tokens, do_sample=do_sample,
@@ -499,60 +491,6 @@ class Blip3oFusionForConditionalGeneration(GeneratorModelMixin, PreTrainedModel)
         model = super().from_pretrained(path, *args, **kwargs)
         model._load_side_files(path)
         return model
-
-
-def is_fusion_checkpoint(path: Union[str, os.PathLike]) -> bool:
-    """True for a directory saved from a transfusion/lmfusion model (config.json model_type)."""
-    f = Path(path) / "config.json"
-    if not f.is_file():
-        return False
-    try:
-        return json.loads(f.read_text()).get("model_type") == FusionConfig.model_type
-    except json.JSONDecodeError:
-        return False
-
-
-def load_generation_model(path: Union[str, os.PathLike]):
-    """Loads any saved generator directory: a fusion model, or BLIP3-o (ours or the official layout)."""
-    if is_fusion_checkpoint(path):
-        return Blip3oFusionForConditionalGeneration.from_pretrained(str(path))
-    from blip3o.models.blip3o import Blip3oForConditionalGeneration
-
-    return Blip3oForConditionalGeneration.from_pretrained(str(path))
-
-
-# ----------------------------------------------------------------------------------------------------------
-def build_fusion_model(cfg, dtype: torch.dtype = torch.float32):
-    """A fresh transfusion / lmfusion model from a ModelConfig: pretrained backbone + VAE target + new
-    projections (and, for lmfusion, the image expert copied from the text weights)."""
-    from blip3o.models.build import (attach_image_processor, load_backbone, load_target, objective_kwargs_for,
-                                     resolve_target_path)
-    from blip3o.prompts import IMG_END_TOKEN, IMG_START_TOKEN, generation_head_len
-
-    adapter, bpath, backbone, tokenizer = load_backbone(cfg, dtype)
-    target = load_target(cfg)
-    template = get_template(adapter.template.name)
-    uncond = encode_generation_prompts(tokenizer, [""], template, max_length=cfg.max_length, num_queries=0)
-    config = FusionConfig(
-        generator_type=cfg.generator, backbone=cfg.backbone, backbone_config=backbone.config.to_dict(),
-        backbone_path=bpath, target=cfg.target, target_channels=target.channels, target_grid=list(target.grid),
-        target_path=resolve_target_path(cfg), target_norm=cfg.target_norm, patch_size=cfg.fusion_patch_size,
-        objective=cfg.objective,
-        objective_kwargs=objective_kwargs_for(cfg),
-        cfg_dropout=cfg.cfg_dropout, image_loss_weight=cfg.image_loss_weight, text_loss_weight=cfg.text_loss_weight,
-        lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha, num_inference_steps=cfg.num_inference_steps,
-        guidance_scale=cfg.guidance_scale, max_prompt_length=cfg.max_length, chat_template=template.name,
-        img_token_id=tokenizer.convert_tokens_to_ids(IMG_START_TOKEN),
-        img_end_token_id=tokenizer.convert_tokens_to_ids(IMG_END_TOKEN), prompt_pad_id=tokenizer.pad_token_id,
-        uncond_input_ids=uncond["input_ids"][0].tolist(),
-        prompt_head_len=generation_head_len(tokenizer, template), inference_max_length=cfg.inference_max_length,
-        decoder=cfg.decoder, decoder_path=cfg.decoder_path, attn_implementation_backbone=cfg.attn_implementation,
-    )
-    model = Blip3oFusionForConditionalGeneration(config, backbone=backbone)
-    model.tokenizer = tokenizer
-    attach_image_processor(model, bpath)
-    model.attach_target_encoder(target)
-    return model, tokenizer
 
 
 AutoConfig.register(FusionConfig.model_type, FusionConfig)

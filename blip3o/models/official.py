@@ -15,9 +15,17 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Dict, Tuple
+from typing import Dict
 
 import torch
+from safetensors.torch import load_file
+from transformers import AutoTokenizer
+from transformers.initialization import no_init_weights
+
+from blip3o.config import ModelConfig
+from blip3o.models.blip3o import Blip3oConfig, Blip3oForConditionalGeneration
+from blip3o.models.dit import DIT_PRESETS, DiTConfig
+from blip3o.models.hf_config import hf_config_for
 
 logger = logging.getLogger(__name__)
 
@@ -76,8 +84,6 @@ def rename_official_key(key: str):
 
 
 def read_state_dict(path: Path) -> Dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
     index = path / "model.safetensors.index.json"
     if index.is_file():
         files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -109,8 +115,6 @@ def infer_dit_config(sd: Dict[str, torch.Tensor], default: Dict) -> Dict:
     p = d.get("patch_size", 1)
     d["in_channels"] = in_pp // (p * p)
     inner = sd[pre + "layers.0.feed_forward.linear_1.weight"].shape[0]
-    from blip3o.models.dit import DiTConfig
-
     if DiTConfig.from_dict(d).ffn_inner_dim != inner:
         d["multiple_of"], d["ffn_dim_multiplier"] = inner, None  # ceil to a multiple of `inner` gives `inner`
     if d["time_embed_dim"] == min(d["dim"], 1024):
@@ -119,12 +123,6 @@ def infer_dit_config(sd: Dict[str, torch.Tensor], default: Dict) -> Dict:
 
 
 def load_official(path: str, dtype: torch.dtype = None, **unused):
-    from transformers import AutoTokenizer
-    from transformers.initialization import no_init_weights
-
-    from blip3o.models.blip3o import Blip3oConfig, Blip3oForConditionalGeneration
-    from blip3o.models.dit import DIT_PRESETS
-
     root = Path(path)
     raw = json.loads((root / "config.json").read_text())
     if not raw.get("gen_vision_tower"):
@@ -142,14 +140,18 @@ def load_official(path: str, dtype: torch.dtype = None, **unused):
         tokenizer = AutoTokenizer.from_pretrained(str(root))
         tokenizer.padding_side = "left"
         tok_img = tokenizer.convert_tokens_to_ids("[IMG]")
-    config = Blip3oConfig(
-        backbone="qwen2_5_vl", backbone_config=bcfg, backbone_path=str(root), recipe="sequential",
-        num_queries=int(raw.get("n_query", 64)), dit_config=dit, target="eva_clip",
-        target_channels=dit["in_channels"], target_grid=[dit["input_size"]] * 2, target_path=None,
+    # The release as a ModelConfig: the paper's defaults (sequential recipe, flow, EVA-CLIP, SDXL decoder)
+    # plus what its config.json says.
+    release = ModelConfig(
+        backbone="qwen2_5_vl", recipe="sequential", num_queries=int(raw.get("n_query", 64)), target="eva_clip",
         objective="flow", decoder="sdxl",
         decoder_path="diffusion-decoder" if (root / "diffusion-decoder").is_dir() else None,
-        chat_template="chatml", img_token_id=tok_img or 151665,
-        max_prompt_length=int(raw.get("tokenizer_model_max_length", 512)),
+        max_length=int(raw.get("tokenizer_model_max_length", 512)),
+    )
+    config = hf_config_for(
+        Blip3oConfig, release, backbone_config=bcfg, backbone_path=str(root), dit_config=dit,
+        target_channels=dit["in_channels"], target_grid=[dit["input_size"]] * 2, target_path=None,
+        text_loss_weight=0.0, chat_template="chatml", img_token_id=tok_img or 151665,
     )
     with no_init_weights():
         model = Blip3oForConditionalGeneration(config)
