@@ -149,3 +149,51 @@ def test_sampler_feeds_the_originals_integer_timesteps():
     FlowMatching(sample_timesteps="float").sample(net, torch.zeros(1, 4, 8), None, (1, 2, 2, 2), num_steps=30,
                                                   guidance_scale=1.0)
     assert seen[1] == pytest.approx(966.6667, abs=1e-3)
+
+
+def _imports(node):
+    """Modules an import statement names (``from a import b`` names ``a`` and ``a.b``)."""
+    import ast
+
+    if isinstance(node, ast.Import):
+        return [a.name for a in node.names]
+    if isinstance(node, ast.ImportFrom) and node.module:
+        return [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+    return []
+
+
+def test_models_package_has_no_import_cycle_and_no_hidden_imports():
+    """Every import in blip3o/models, function-level ones included, forms a graph without cycles; the only
+    function-level import left is peft (optional: LoRA runs only)."""
+    import ast
+
+    from tests.conftest import ROOT
+
+    files = {}
+    for f in (ROOT / "blip3o" / "models").rglob("*.py"):
+        parts = f.relative_to(ROOT).with_suffix("").parts
+        files[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = f
+    graph, inner = {}, []
+    for name, f in files.items():
+        tree = ast.parse(f.read_text())
+        deps = {m for node in ast.walk(tree) for m in _imports(node) if m in files}
+        # a package's submodules run while the package initialises: that is not an edge back to it
+        graph[name] = {d for d in deps if d != name and not name.startswith(d + ".")}
+        for fn in ast.walk(tree):
+            if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                inner += [m for node in ast.walk(fn) for m in _imports(node)[:1]]
+    assert sorted(set(inner)) == ["peft"], inner
+    done, active = set(), []
+
+    def visit(n):
+        assert n not in active, f"import cycle: {' -> '.join(active[active.index(n):] + [n])}"
+        if n in done:
+            return
+        active.append(n)
+        for d in sorted(graph[n]):
+            visit(d)
+        active.pop()
+        done.add(n)
+
+    for n in sorted(graph):
+        visit(n)

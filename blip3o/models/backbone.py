@@ -22,7 +22,9 @@ from pathlib import Path
 from typing import Any, Dict, Optional
 
 import torch
+import transformers
 from torch import nn
+from transformers import AutoTokenizer
 
 from blip3o.prompts import CHATML, LLAMA3, ChatTemplate, add_special_tokens
 from blip3o.registry import Registry
@@ -51,8 +53,6 @@ def shipped_qwen_tokenizer_dir() -> Path:
 
 def _write_tokenizer(out: Path, drop: tuple = (), extra_specials: tuple = (), eos: Optional[str] = None,
                      chat_template: Optional[str] = None):
-    from transformers import AutoTokenizer
-
     src = shipped_qwen_tokenizer_dir()
     out.mkdir(parents=True, exist_ok=True)
     tj = json.loads((src / "tokenizer.json").read_text())
@@ -105,8 +105,6 @@ class BackboneAdapter:
 
     # -- construction ---------------------------------------------------------------------------
     def _classes(self):
-        import transformers
-
         return getattr(transformers, self.config_cls), getattr(transformers, self.model_cls)
 
     def config_from_dict(self, d: Dict[str, Any]):
@@ -180,10 +178,8 @@ class _Qwen25VL(BackboneAdapter):
     def make_tiny(self, path: str, seed: int = 0, init_std: Optional[float] = None) -> str:
         out = super().make_tiny(path, seed, init_std=init_std)
         # An image processor so the understanding path (image + question) works from the same directory.
-        try:
-            from transformers import Qwen2VLImageProcessorPil as ImageProcessor
-        except ImportError:  # older transformers
-            from transformers import Qwen2VLImageProcessor as ImageProcessor
+        # (the PIL-only class where this transformers has it: no torchvision needed)
+        ImageProcessor = getattr(transformers, "Qwen2VLImageProcessorPil", None) or transformers.Qwen2VLImageProcessor
         # (The full Qwen2_5_VLProcessor also wants a video processor, which needs torchvision's C ops.)
         ip = ImageProcessor(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 16, patch_size=14, merge_size=2,
                             temporal_patch_size=2)

@@ -9,6 +9,9 @@ from typing import List, Optional, Sequence
 
 import torch
 from PIL import Image
+from transformers import AutoImageProcessor
+
+from blip3o.prompts import get_template, left_pad
 
 
 def load_image_processor(model, processor=None):
@@ -16,8 +19,6 @@ def load_image_processor(model, processor=None):
         return processor
     if getattr(model, "image_processor", None) is not None:
         return model.image_processor
-    from transformers import AutoImageProcessor
-
     src = model._source_dir or model.config.backbone_path
     if src is None:
         raise ValueError("no image processor: pass processor= or load the model from a directory that has one")
@@ -26,8 +27,6 @@ def load_image_processor(model, processor=None):
 
 def build_understanding_inputs(model, images: Sequence[Image.Image], questions: Sequence[str], processor=None):
     """Left-padded chat inputs with ``<|vision_start|><|image_pad|>*n<|vision_end|>`` per image."""
-    from blip3o.prompts import get_template, left_pad
-
     if len(images) != len(questions):
         raise ValueError(f"got {len(images)} images for {len(questions)} questions")
     if not model.adapter.multimodal:
