@@ -5,7 +5,7 @@ backbone's chat prompt with its image placeholders, run its image processor, cal
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import List, Sequence
 
 import torch
 from PIL import Image
