@@ -236,7 +236,8 @@ class _DecoderModule(torch.nn.Module):
 
         self.pipe = pipe
         self.denoiser = pipe.denoiser
-        self.connector = pipe.connector if pipe.kind == "sana" else None
+        for name in pipe.spec.trained[1:]:  # what the loss trains besides the denoiser (SANA's connector)
+            setattr(self, name, getattr(pipe, name))
         self.vae = pipe.vae
         self.null_condition = pipe.null_condition
         trainable_parameters(pipe)
