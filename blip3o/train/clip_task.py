@@ -19,6 +19,7 @@ import torch
 from blip3o.config import ExperimentConfig
 from blip3o.train.distributed import DistInfo
 from blip3o.train.image_task import ImageLoaderTask
+from blip3o.train.task_registry import TASKS
 
 logger = logging.getLogger("blip3o.train")
 
@@ -34,6 +35,7 @@ class _ClipModule(torch.nn.Module):
         return self.clip(images, captions, generator=generator)
 
 
+@TASKS.register("clip")
 class ClipTask(ImageLoaderTask):
     def __init__(self, cfg: ExperimentConfig, dist: DistInfo):
         from blip3o.models.targets import TARGET_PRESETS

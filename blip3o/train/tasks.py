@@ -4,6 +4,7 @@
   caption/image data — the paper's training.
 * ``decoder``: the CLIP->pixels diffusion decoder by reconstruction (frozen target encoder ->
   features -> decoder recovers the image).
+* ``clip``: the toy world's CLIP (``clip_task.py``).
 
 A task provides ``model``, ``build_loader``, ``to_device``, ``loss``, ``flops_per_sample``,
 ``sample`` and ``save_final``; the loop in ``trainer.py`` does the rest.
@@ -19,8 +20,10 @@ from typing import Dict, List, Optional
 import torch
 
 from blip3o.config import ExperimentConfig
+from blip3o.train.clip_task import ClipTask  # noqa: F401  (registers "clip")
 from blip3o.train.distributed import DistInfo
 from blip3o.train.image_task import ImageLoaderTask
+from blip3o.train.task_registry import TASKS
 
 logger = logging.getLogger("blip3o.train")
 
@@ -85,6 +88,7 @@ def make_grid(images, cols: Optional[int] = None):
     return grid
 
 
+@TASKS.register("t2i")
 class T2ITask:
     def __init__(self, cfg: ExperimentConfig, dist: DistInfo):
         from blip3o.models.build import build_model
@@ -217,15 +221,6 @@ class T2ITask:
         logger.info("saved final model to %s", out)
 
 
-TASKS = {"t2i": T2ITask}
-
-
-def get_task(name: str):
-    if name not in TASKS:
-        raise ValueError(f"train.task: '{name}' is not one of {sorted(TASKS)}")
-    return TASKS[name]
-
-
 class _DecoderModule(torch.nn.Module):
     """The decoder's trainable parts as one module, so DDP/DeepSpeed and the checkpoint code see
     an ordinary model; forward returns the reconstruction loss."""
@@ -252,6 +247,7 @@ class _DecoderModule(torch.nn.Module):
         return loss, parts
 
 
+@TASKS.register("decoder")
 class DecoderTask(ImageLoaderTask):
     """Reconstruction training of the CLIP->pixels decoder: image -> frozen target encoder -> pooled
     features -> the decoder learns to recover the image (reference §3.2). The loader yields decoder
@@ -345,8 +341,9 @@ class DecoderTask(ImageLoaderTask):
         logger.info("saved decoder to %s", out)
 
 
-TASKS["decoder"] = DecoderTask
 
-from blip3o.train.clip_task import ClipTask  # noqa: E402  (registered here so get_task sees every task)
-
-TASKS["clip"] = ClipTask
+def get_task(name: str):
+    """The task class for ``train.task`` (a ValueError naming the registered ones otherwise)."""
+    if name not in TASKS:
+        raise ValueError(f"train.task: '{name}' is not one of {TASKS.names()}")
+    return TASKS.get(name)
