@@ -20,6 +20,7 @@ from typing import Dict, List, Optional
 import torch
 
 from blip3o.config import ExperimentConfig
+from blip3o.images import feature_summary_image, make_grid, to_pil
 from blip3o.train.clip_task import ClipTask  # noqa: F401  (registers "clip")
 from blip3o.train.distributed import DistInfo
 from blip3o.train.image_task import ImageLoaderTask
@@ -55,37 +56,6 @@ def move(batch, device):
     if isinstance(batch, dict):
         return {k: move(v, device) for k, v in batch.items()}
     return batch
-
-
-def feature_summary_image(x: torch.Tensor, cell: int = 8):
-    """Without a pixel decoder, a sample grid shows each feature map's first three principal
-    components as RGB (one tile per sample), enough to see collapse or mode structure."""
-    from PIL import Image
-
-    b, c, h, w = x.shape
-    flat = x.float().permute(0, 2, 3, 1).reshape(-1, c)
-    flat = flat - flat.mean(0)
-    _, _, v = torch.pca_lowrank(flat, q=min(3, c), center=False)
-    proj = (flat @ v[:, :3]).reshape(b, h, w, -1)
-    lo, hi = proj.amin(dim=(0, 1, 2)), proj.amax(dim=(0, 1, 2))
-    proj = ((proj - lo) / (hi - lo + 1e-6) * 255).byte()
-    if proj.shape[-1] < 3:
-        proj = torch.cat([proj, proj[..., :1].expand(-1, -1, -1, 3 - proj.shape[-1])], -1)
-    tiles = [Image.fromarray(p.numpy()).resize((w * cell, h * cell), Image.NEAREST) for p in proj]
-    return make_grid(tiles)
-
-
-def make_grid(images, cols: Optional[int] = None):
-    from PIL import Image
-
-    n = len(images)
-    cols = cols or min(n, 4)
-    rows = (n + cols - 1) // cols
-    w, h = images[0].size
-    grid = Image.new("RGB", (cols * w, rows * h), "white")
-    for i, im in enumerate(images):
-        grid.paste(im.convert("RGB"), ((i % cols) * w, (i // cols) * h))
-    return grid
 
 
 @TASKS.register("t2i")
@@ -186,11 +156,7 @@ class T2ITask:
             tokens = feats.flatten(2).transpose(1, 2)  # (B, C, h, w) -> (B, h*w, C), row-major
             return self.decoder(tokens, output_type="pil")
         if self.cfg.model.target == "vae":
-            pix = self.target.decode(feats.to(self.dist.device)).clamp(-1, 1)
-            from PIL import Image
-
-            arr = ((pix + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
-            return [Image.fromarray(a) for a in arr]
+            return to_pil(self.target.decode(feats.to(self.dist.device)).clamp(-1, 1))
         return None
 
     def sample(self, path: Path, ema=None):
@@ -316,13 +282,10 @@ class DecoderTask(ImageLoaderTask):
     def sample(self, path: Path, ema=None):
         if self.val_images is None:
             return None
-        from PIL import Image
-
         feats = self.features_of(self.val_images)
         gens = [torch.Generator().manual_seed(i) for i in range(feats.shape[0])]
         recon = self.pipe(feats, generator=gens, output_type="pil").images
-        orig = [Image.fromarray(((im.permute(1, 2, 0) + 1) * 127.5).clamp(0, 255).byte().cpu().numpy())
-                for im in self.val_images]
+        orig = to_pil(self.val_images)
         grid = make_grid(orig + list(recon), cols=len(orig))
         path.parent.mkdir(parents=True, exist_ok=True)
         grid.save(path)
