@@ -11,6 +11,7 @@ A task provides ``model``, ``build_loader``, ``to_device``, ``loss``, ``flops_pe
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
@@ -134,20 +135,11 @@ class T2ITask:
         m = self.model
         was = m.training
         m.eval()
-        backup = None
-        if ema is not None:
-            backup = {n: p.detach().clone() for n, p in m.named_parameters() if n in ema.shadow}
-            for n, p in m.named_parameters():
-                if n in ema.shadow:
-                    p.copy_(ema.shadow[n])
         try:
-            gens = [torch.Generator().manual_seed(seed + i) for i in range(len(prompts))]
-            feats = m.generate_features(prompts, generator=gens)
+            with contextlib.nullcontext() if ema is None else ema.swapped_in(m):
+                gens = [torch.Generator().manual_seed(seed + i) for i in range(len(prompts))]
+                feats = m.generate_features(prompts, generator=gens)
         finally:
-            if backup is not None:
-                for n, p in m.named_parameters():
-                    if n in backup:
-                        p.copy_(backup[n])
             m.train(was)
         return feats
 
@@ -172,10 +164,7 @@ class T2ITask:
         only this rank's shards."""
         m = self.model
         if ema is not None:
-            with torch.no_grad():
-                for n, p in m.named_parameters():
-                    if n in ema.shadow:
-                        p.copy_(ema.shadow[n].to(p.dtype))
+            ema.copy_to(m)
         if self.cfg.model.decoder_path:
             dst = out / "diffusion-decoder"
             if Path(self.cfg.model.decoder_path).resolve() != dst.resolve():
@@ -295,10 +284,7 @@ class DecoderTask(ImageLoaderTask):
         if state_dict is not None:
             raise ValueError("the decoder task does not support sharded engines (ZeRO-3, FSDP)")
         if ema is not None:
-            with torch.no_grad():
-                for n, p in self.model.named_parameters():
-                    if n in ema.shadow:
-                        p.copy_(ema.shadow[n].to(p.dtype))
+            ema.copy_to(self.model)
         self.pipe.save_pretrained(str(out))
         (out / "experiment.json").write_text(json.dumps(self.cfg.to_dict(), indent=2))
         logger.info("saved decoder to %s", out)
