@@ -165,7 +165,7 @@ def main(argv=None) -> int:
     from tqdm.auto import tqdm
 
     from blip3o.pipeline import Blip3oPipeline
-    from blip3o.train.tasks import make_grid
+    from blip3o.images import make_grid
 
     try:
         pipe = Blip3oPipeline.from_pretrained(ckpt, device=args.device, dtype=args.dtype,

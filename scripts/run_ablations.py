@@ -265,7 +265,7 @@ def evaluate_variant(name: str, vdir: Path, rows: List[dict], div_rows: List[dic
     from blip3o.eval.geneval import generate_geneval
     from blip3o.eval.toy import score_dir
     from blip3o.pipeline import Blip3oPipeline
-    from blip3o.train.tasks import make_grid
+    from blip3o.images import make_grid
 
     pipe = Blip3oPipeline.from_pretrained(vdir / "model", device="cpu")
     if not pipe.has_decoder():

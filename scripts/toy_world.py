@@ -155,7 +155,7 @@ def main(argv=None) -> int:
     from blip3o.eval.geneval import generate_geneval, read_prompt_rows
     from blip3o.eval.toy import score_dir
     from blip3o.pipeline import Blip3oPipeline
-    from blip3o.train.tasks import make_grid
+    from blip3o.images import make_grid
 
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     pipe = Blip3oPipeline.from_pretrained(model_dir, device="cpu")

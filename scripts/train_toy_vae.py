@@ -180,7 +180,7 @@ def main(argv=None) -> int:
     (out / "train_info.json").write_text(json.dumps(info, indent=2))
     from PIL import Image
 
-    from blip3o.train.tasks import make_grid
+    from blip3o.images import make_grid
 
     n = min(8, len(xe))
     def pil(t):

@@ -204,6 +204,9 @@ def test_bad_weights_and_config_errors(toy_dir, qwen_tokenizer):
         _loader(data_cfg(), qwen_tokenizer)
     with pytest.raises(ValueError, match="named 'x'"):
         _loader(data_cfg(sources=[{"name": "x", "shards": shards}, {"name": "x", "shards": shards}]), qwen_tokenizer)
+    # The loader reads DataConfig's fields (the YAML schema) and nothing else.
+    with pytest.raises(ValueError, match="unknown field\\(s\\) image_size, image_transform"):
+        _loader(data_cfg(train_shards=shards, image_transform="siglip", image_size=64), qwen_tokenizer)
 
 
 # -- collation -------------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from blip3o.decoders import (
     train_vae_steps,
     trainable_parameters,
 )
-from blip3o.decoders.base import decode_latents, encode_to_latents
+from blip3o.decoders.components import decode_latents, encode_to_latents
 
 DIM = 32
 KINDS = ["sdxl", "sana"]
@@ -63,6 +63,13 @@ def test_registry_and_official_presets():
     assert DECODERS.get("sana").official_repo == "BLIP3o/SigLIP2_SANA"
     with pytest.raises(KeyError, match="unknown decoder"):
         build_decoder("dalle")
+    # The spec knows its builder's arguments: a misspelt one is a one-line error naming it.
+    assert {"vae", "prediction", "spatial_features"} <= DECODERS.get("sdxl").build_kwargs
+    with pytest.raises(ValueError, match=r"unknown argument\(s\) vea when building"):
+        build_decoder("sdxl", feature_dim=DIM, vea="kl")
+    with pytest.raises(ValueError, match=r"unknown argument\(s\) feature_dim when loading"):
+        build_decoder("sdxl", preset="official", feature_dim=DIM)
+    assert DECODERS.get("sana").trained == ("transformer", "connector") and DECODERS.get("sdxl").trained == ("unet",)
     # Offline, the official preset fails in one line instead of downloading.
     with pytest.raises(DecoderLoadError, match="hub downloads are disabled"):
         build_decoder("sdxl", preset="official")

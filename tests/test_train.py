@@ -201,3 +201,21 @@ def test_resume_refuses_a_checkpoint_pickling_code(toy_data, tmp_path):
     assert r.returncode == 1 and not marker.exists()
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("error: refusing to load") and "rank0.pt" in last, r.stderr[-2000:]
+
+
+def test_ema_swap_restores_live_weights_and_copy_casts():
+    """The one EMA swap (blip3o/train/ema.py): averages inside the block, the exact live weights after it."""
+    from blip3o.train.ema import EMA
+
+    model = torch.nn.Linear(4, 3).to(torch.bfloat16)
+    ema = EMA(model.named_parameters(), decay=0.5)
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    ema.update(model.named_parameters())
+    live = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with ema.swapped_in(model):
+        assert torch.equal(model.weight, ema.shadow["weight"].to(torch.bfloat16))
+        assert not torch.equal(model.weight, live["weight"])
+    assert all(torch.equal(p, live[n]) for n, p in model.named_parameters())
+    ema.copy_to(model)
+    assert model.weight.dtype == torch.bfloat16 and torch.equal(model.weight, ema.shadow["weight"].to(torch.bfloat16))

@@ -25,8 +25,11 @@ import os
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
+import torch
 
-from blip3o.data.shards import IMAGE_EXTS, shard_cache_path
+from blip3o.data.image_io import decode_image
+from blip3o.data.shards import IMAGE_EXTS, iter_tar_samples, shard_cache_path
+from blip3o.data.stats import SkipStats
 
 logger = logging.getLogger(__name__)
 
@@ -132,12 +135,7 @@ def cache_shards(shards: Sequence[str], target, out_dir: Optional[str] = None, b
     finished shard is written to a temporary name and renamed, so an interrupted run leaves no half shard
     and re-running skips the finished ones. Returns counts (shards written/skipped, samples, skips by reason).
     """
-    import torch
-    import webdataset as wds
-
-    from blip3o.data.pipeline import decode_image
-    from blip3o.data.shards import iter_tar_samples
-    from blip3o.data.stats import SkipStats
+    import webdataset as wds  # only when writing a cache: importing blip3o.data stays free of webdataset
 
     if dtype not in ("float16", "float32"):
         raise ValueError(f"dtype must be float16 or float32, got {dtype!r}")

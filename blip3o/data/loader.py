@@ -15,13 +15,15 @@ Each rank keeps its own state (``state_dict()`` differs per rank); save it per r
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Union
 
 import torch
 from torch.utils.data import DataLoader
 
+from blip3o.config import DataConfig
 from blip3o.data.cache import resolve_cache
 from blip3o.data.collate import BatchCollator
 from blip3o.data.json_data import load_json_records, record_kind
@@ -36,42 +38,24 @@ logger = logging.getLogger("blip3o.data")
 
 STATE_VERSION = 1
 
-# The data-config fields this module reads, with their defaults (see README "Data").
-DATA_DEFAULTS: Dict[str, Any] = {
-    "train_shards": None,  # str | list: folder, glob, brace pattern, "a::b", or a list (one webdataset source)
-    "sources": None,  # list of source dicts (see parse_sources); overrides train_shards/json_path
-    "json_path": None,  # one JSON/JSONL source
-    "image_root": None,  # folder that JSON image paths are relative to
-    "caption_key": "txt",  # webdataset field holding the caption ("txt", "long.txt", ...)
-    "resampled": True,  # shards drawn with replacement (True) or once per epoch (False)
-    "shuffle_buffer": 1000,  # block-shuffle size in raw samples (1 = no sample shuffle)
-    "interleave": 4,  # shards open at once per reader; samples alternate randomly between them
-    "num_workers": 2,
-    "use_cache": "auto",  # target-feature cache: True (required), False, "auto" (use if present)
-    "cache_dir": None,  # explicit cache folder (default: <shard folder>/x0_cache/<target>/)
-    "image_transform": "eva_clip",  # preset used only when no image_transform callable is passed
-    "image_size": None,  # size for that preset (None: the preset's own)
-    "und_image_size": 448,  # understanding images are resized + centre-cropped to this square
-    "und_image_tokens": 256,  # <|image_pad|> tokens per understanding image ((448 / 28) ** 2 for Qwen2.5-VL)
-    "json_loader": "auto",  # auto | json | datasets
-    "max_consecutive_bad": 1000,  # unusable samples in a row before a reader gives up with an error
-    "prefetch_factor": 2,
-    "pin_memory": False,
-    "log_every": 500,  # batches between skip-count progress lines (0: only when asked)
-}
+def as_data_config(data_cfg) -> DataConfig:
+    """The loader's settings as a :class:`blip3o.config.DataConfig` (the one schema of the ``data:`` section).
 
-
-def cfg_get(cfg, key: str, default=None):
-    """Reads a field from a dict, a dataclass/namespace, or None, falling back to DATA_DEFAULTS."""
-    if default is None:
-        default = DATA_DEFAULTS.get(key)
-    if cfg is None:
-        return default
-    if isinstance(cfg, dict):
-        value = cfg.get(key, default)
-    else:
-        value = getattr(cfg, key, default)
-    return default if value is None else value
+    A DataConfig is used as is; a dict of its fields (tests, benchmarks) is converted, a key that is not a
+    field being a one-line error and a None value meaning the field's default; None gives the defaults.
+    """
+    if data_cfg is None:
+        return DataConfig()
+    if isinstance(data_cfg, DataConfig):
+        return data_cfg
+    if isinstance(data_cfg, Mapping):
+        fields = {f.name for f in dataclasses.fields(DataConfig)}
+        unknown = sorted(set(data_cfg) - fields)
+        if unknown:
+            raise ValueError(f"data config: unknown field(s) {', '.join(unknown)}; the fields are DataConfig's "
+                             "(blip3o/config.py)")
+        return DataConfig(**{k: v for k, v in data_cfg.items() if v is not None})
+    raise TypeError(f"data config must be a DataConfig or a dict of its fields, got {type(data_cfg).__name__}")
 
 
 def _as_bool_or_auto(value) -> object:
@@ -90,17 +74,18 @@ def _as_bool_or_auto(value) -> object:
 def parse_sources(data_cfg, target_signature: Optional[dict] = None) -> List[SourceSpec]:
     """Builds the sources from the config. A source dict has: ``shards`` (webdataset) or ``json_path``
     (JSON), and optionally ``name``, ``weight`` (1.0), ``caption_key``, ``image_root``, ``resampled``,
-    ``task`` (gen | und | auto), ``cache_dir``, ``json_loader``."""
-    raw_sources = cfg_get(data_cfg, "sources")
+    ``task`` (gen | und | auto), ``cache_dir``, ``json_loader``; the others inherit the data-level value."""
+    cfg = as_data_config(data_cfg)
+    raw_sources = cfg.sources
     if not raw_sources:
         raw_sources = []
-        if cfg_get(data_cfg, "train_shards"):
-            raw_sources.append({"name": "train", "shards": cfg_get(data_cfg, "train_shards")})
-        if cfg_get(data_cfg, "json_path"):
-            raw_sources.append({"name": "json", "json_path": cfg_get(data_cfg, "json_path")})
+        if cfg.train_shards:
+            raw_sources.append({"name": "train", "shards": cfg.train_shards})
+        if cfg.json_path:
+            raw_sources.append({"name": "json", "json_path": cfg.json_path})
     if not raw_sources:
         raise ValueError("data config has no data: set train_shards, json_path or sources")
-    use_cache = _as_bool_or_auto(cfg_get(data_cfg, "use_cache"))
+    use_cache = _as_bool_or_auto(cfg.use_cache)
     if use_cache is True and target_signature is None:
         raise ValueError("use_cache=true needs the target encoder's signature to check the cache against")
     out: List[SourceSpec] = []
@@ -115,19 +100,19 @@ def parse_sources(data_cfg, target_signature: Optional[dict] = None) -> List[Sou
             return rs[key] if rs.get(key) is not None else fallback
 
         common = dict(name=name, weight=float(pick("weight", 1.0)),
-                      resampled=bool(pick("resampled", cfg_get(data_cfg, "resampled"))),
-                      image_root=pick("image_root", cfg_get(data_cfg, "image_root")),
+                      resampled=bool(pick("resampled", cfg.resampled)),
+                      image_root=pick("image_root", cfg.image_root),
                       task=str(pick("task", "auto")))
         if rs.get("shards") is not None and rs.get("json_path") is not None:
             raise ValueError(f"source '{name}' sets both shards and json_path")
         if rs.get("shards") is not None:
             shards = expand_shards(rs["shards"])
             spec = SourceSpec(kind="webdataset", shards=shards,
-                              caption_key=pick("caption_key", cfg_get(data_cfg, "caption_key")), **common)
+                              caption_key=pick("caption_key", cfg.caption_key), **common)
             if spec.task == "und":
                 raise ValueError(f"source '{name}': understanding data must be JSON conversations")
             if use_cache is not False and target_signature is not None:
-                found = resolve_cache(shards, target_signature, pick("cache_dir", cfg_get(data_cfg, "cache_dir")),
+                found = resolve_cache(shards, target_signature, pick("cache_dir", cfg.cache_dir),
                                       source=name)
                 if found is not None:
                     spec.source_shards = shards
@@ -138,7 +123,7 @@ def parse_sources(data_cfg, target_signature: Optional[dict] = None) -> List[Sou
                                      f"its shards; run scripts/cache_targets.py first")
         elif rs.get("json_path") is not None:
             cache_dir = os.environ.get("HF_DATASETS_CACHE")
-            loader = pick("json_loader", cfg_get(data_cfg, "json_loader"))
+            loader = pick("json_loader", cfg.json_loader)
             records, bad = load_json_records(str(rs["json_path"]), loader, cache_dir=cache_dir)
             if bad:
                 logger.warning("source '%s': %d unparseable JSON records skipped at load time", name, bad)
@@ -303,7 +288,7 @@ def _fingerprint(sources: Sequence[SourceSpec], shuffle_buffer: int, interleave:
 
 
 def build_train_dataloader(
-    data_cfg,
+    data_cfg: Union[DataConfig, Mapping, None],
     tokenizer,
     image_transform: Optional[Callable] = None,
     rank: int = 0,
@@ -317,32 +302,32 @@ def build_train_dataloader(
     target_signature: Optional[dict] = None,
     und_image_transform: Optional[Callable] = None,
 ) -> ResumableLoader:
-    """The training loader for one rank. See ``blip3o/data/collate.py`` for the batch dict, and
-    ``DATA_DEFAULTS`` for the config fields. ``image_transform`` is the target's transform
-    (``target.transform``); ``target_signature`` (``target.signature()``) enables and checks the cache."""
+    """The training loader for one rank. ``data_cfg`` is a :class:`blip3o.config.DataConfig` (or a dict of its
+    fields); see ``blip3o/data/collate.py`` for the batch dict. ``image_transform`` is the target's transform
+    (``target.transform``; None: the EVA-CLIP preset); ``num_workers`` None takes ``data_cfg.num_workers``;
+    ``target_signature`` (``target.signature()``) enables and checks the cache."""
     if tokenizer is None:
         raise ValueError("a tokenizer is needed to build generation prompts")
     template = get_template(template) if isinstance(template, str) else template
     if not isinstance(template, ChatTemplate):
         raise TypeError("template must be a ChatTemplate or its name")
+    cfg = as_data_config(data_cfg)
     if num_workers is None:
-        num_workers = int(cfg_get(data_cfg, "num_workers"))
-    sources = parse_sources(data_cfg, target_signature)
+        num_workers = int(cfg.num_workers)
+    sources = parse_sources(cfg, target_signature)
     if image_transform is None:
-        image_transform = build_image_transform(cfg_get(data_cfg, "image_transform"), cfg_get(data_cfg, "image_size"))
+        image_transform = build_image_transform("eva_clip")
     decoder = SampleDecoder(sources, image_transform, tokenizer=tokenizer, template=template,
-                            und_image=SquareImage(int(cfg_get(data_cfg, "und_image_size"))),
-                            und_image_tokens=int(cfg_get(data_cfg, "und_image_tokens")), max_length=max_length)
+                            und_image=SquareImage(int(cfg.und_image_size)),
+                            und_image_tokens=int(cfg.und_image_tokens), max_length=max_length)
     collate = BatchCollator(tokenizer, template, num_queries=num_queries, max_length=max_length,
-                            und_image_transform=und_image_transform,
-                            und_image_tokens=int(cfg_get(data_cfg, "und_image_tokens")))
-    shuffle_buffer, interleave = int(cfg_get(data_cfg, "shuffle_buffer")), int(cfg_get(data_cfg, "interleave"))
+                            und_image_transform=und_image_transform, und_image_tokens=int(cfg.und_image_tokens))
+    shuffle_buffer, interleave = int(cfg.shuffle_buffer), int(cfg.interleave)
     dataset = StreamingDataset(sources, decoder, collate, batch_size=batch_size, seed=seed, rank=rank,
                                world_size=world_size, num_workers=num_workers, shuffle_buffer=shuffle_buffer,
-                               interleave=interleave, max_consecutive_bad=int(cfg_get(data_cfg, "max_consecutive_bad")))
+                               interleave=interleave, max_consecutive_bad=int(cfg.max_consecutive_bad))
     load_skips = sum(s.load_skips for s in sources)
-    return ResumableLoader(dataset, num_workers=num_workers, prefetch_factor=int(cfg_get(data_cfg, "prefetch_factor")),
-                           pin_memory=bool(cfg_get(data_cfg, "pin_memory")),
-                           log_every=int(cfg_get(data_cfg, "log_every")),
+    return ResumableLoader(dataset, num_workers=num_workers, prefetch_factor=int(cfg.prefetch_factor),
+                           pin_memory=bool(cfg.pin_memory), log_every=int(cfg.log_every),
                            fingerprint=_fingerprint(sources, shuffle_buffer, interleave),
                            base_skips={"bad_json_line": load_skips} if load_skips else None)

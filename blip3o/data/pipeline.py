@@ -8,11 +8,9 @@ that is the data part of a checkpoint.
 from __future__ import annotations
 
 import contextlib
-import io
 import logging
 import os
 import random
-import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -24,9 +22,9 @@ from torch.utils.data import IterableDataset, get_worker_info
 from blip3o.data import stats as S
 from blip3o.data.cache import X0_FIELD, decode_x0
 from blip3o.data.collate import count_images, encode_conversation
+from blip3o.data.image_io import decode_image, open_image
 from blip3o.data.json_data import record_caption, record_image_path, record_kind
 from blip3o.data.mixing import Mixer
-from blip3o.data.shards import IMAGE_EXTS
 from blip3o.data.streams import AllBadError, BlockShuffle, RecordStream, ShardSequence, ShardStream, derive_seed
 from blip3o.data.transforms import SquareImage
 
@@ -50,27 +48,6 @@ class SourceSpec:
     x0_shape: Optional[List[int]] = None
     load_skips: int = 0  # JSON records that could not be parsed when the file was loaded
     source_shards: List[str] = field(default_factory=list)  # the original shards when ``shards`` are cache shards
-
-
-def decode_image(raw: dict, stats: S.SkipStats) -> Optional[Image.Image]:
-    """Decodes the first image field of a webdataset sample (jpg/jpeg/png/webp) to RGB, or counts why not."""
-    ext = next((e for e in IMAGE_EXTS if e in raw), None)
-    if ext is None:
-        stats.add(S.MISSING_IMAGE, f"{raw['__key__']} in {raw.get('__url__')}: no {'/'.join(IMAGE_EXTS)} field")
-        return None
-    return open_image(io.BytesIO(raw[ext]), f"{raw['__key__']}.{ext} in {raw.get('__url__')}", stats)
-
-
-def open_image(fp, where: str, stats: S.SkipStats) -> Optional[Image.Image]:
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(fp)
-            img.load()  # decode now: a truncated JPEG fails here, not later inside the transform
-            return img.convert("RGB")
-    except Exception as e:  # noqa: BLE001 - PIL raises many types for bad input; all mean "skip it"
-        stats.add(S.BAD_IMAGE, f"{where}: {type(e).__name__}: {e}")
-        return None
 
 
 class SampleDecoder:

@@ -70,7 +70,7 @@ def _expand_one(part: str) -> List[str]:
             raise ValueError(f"shard folder {part} contains no .tar/.tar.gz/.tgz files")
         return found
     if "{" in part and "}" in part:
-        import braceexpand  # a webdataset dependency
+        import braceexpand  # only for brace patterns; installed with webdataset, which importing blip3o.data avoids
 
         names = list(braceexpand.braceexpand(part))
         missing = [n for n in names if not os.path.isfile(n)]

@@ -256,7 +256,7 @@ def write_toy_dataset(out_dir: str, num: int, seed: int = 0, canvas: int = BASE,
     """Writes ``out_dir/train/toy-%06d.tar`` and ``out_dir/eval/prompts.jsonl`` (and, with ``eval_images``,
     the ground-truth images of the evaluation prompts in GenEval's sample layout under ``out_dir/eval/gt``).
     Output is byte-for-byte deterministic for a given (num, seed, canvas, shard_size, format)."""
-    import webdataset as wds
+    import webdataset as wds  # only when writing shards: importing blip3o.data stays free of webdataset
 
     if canvas not in (64, 128):
         raise ValueError(f"toy canvas must be 64 or 128, got {canvas}")

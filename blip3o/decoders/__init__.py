@@ -14,49 +14,23 @@ Nothing here downloads unless `allow_download=True` is passed with a hub id.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-from typing import Any, Callable, Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 
-from blip3o.decoders.base import (
-    DecoderLoadError,
-    FeatureDecoderPipeline,
-    NullCondition,
-    PixelUnshuffleAutoencoder,
-    detect_decoder_kind,
-)
+from blip3o.decoders.components import NullCondition, PixelUnshuffleAutoencoder
+from blip3o.decoders.io import DecoderLoadError, detect_decoder_kind
+from blip3o.decoders.pipeline import FeatureDecoderPipeline
+# Importing a decoder's module registers its spec.
 from blip3o.decoders.sana import SanaFeatureConnector, SanaFeatureDecoderPipeline, build_sana_decoder
 from blip3o.decoders.sdxl import SDXLFeatureDecoderPipeline, build_sdxl_decoder, save_official_layout
+from blip3o.decoders.spec import DECODERS, DecoderSpec
 from blip3o.decoders.training import (
     decoder_training_loss,
     train_decoder_steps,
     train_vae_steps,
     trainable_parameters,
 )
-from blip3o.registry import Registry
-
-
-@dataclass(frozen=True)
-class DecoderSpec:
-    name: str
-    pipeline_class: type
-    build: Callable[..., FeatureDecoderPipeline]
-    official_repo: str
-    official_subfolder: Optional[str]
-    feature_dim: int  # of the official target encoder
-    target_encoder: str
-
-
-DECODERS: Registry[DecoderSpec] = Registry("decoder")
-DECODERS.register("sdxl")(DecoderSpec(
-    "sdxl", SDXLFeatureDecoderPipeline, build_sdxl_decoder, "BLIP3o/BLIP3o-Model-8B", "diffusion-decoder", 1792,
-    "eva-clip-E-14-plus (448 px, 64 pooled tokens)",
-))
-DECODERS.register("sana")(DecoderSpec(
-    "sana", SanaFeatureDecoderPipeline, build_sana_decoder, "BLIP3o/SigLIP2_SANA", None, 1152,
-    "siglip2-so400m-patch16-512 (penultimate layer, 64 pooled tokens)",
-))
 
 
 def build_decoder(
@@ -65,13 +39,16 @@ def build_decoder(
     """Build a decoder by registry name.
 
     preset "tiny": random CPU-sized decoder for 64 px toy images (overrides: feature_dim (required),
-        num_tokens, image_size, seed, vae, prediction, num_inference_steps, *_config dicts).
+        num_tokens, image_size, seed, vae, prediction, num_inference_steps, *_config dicts; the spec's
+        `build_kwargs` lists them, and any other name is a one-line ValueError).
     preset "official": by default loads the released weights from the spec's hub id (only possible with
         allow_download=True or a populated HF cache; otherwise a one-line DecoderLoadError); with
         pretrained=False builds the full-size architecture with random weights (device="meta" to skip memory).
     """
     spec = DECODERS.get(name)
-    if preset == "official" and pretrained is not False:
+    loading = preset == "official" and pretrained is not False
+    spec.check_build_kwargs(overrides, loading=loading)
+    if loading:
         return load_decoder(spec.official_repo, subfolder=spec.official_subfolder, allow_download=allow_download,
                             **overrides)
     if pretrained:
@@ -86,7 +63,8 @@ def load_decoder(
     variant: Optional[str] = "auto",
     allow_download: bool = False,
 ) -> FeatureDecoderPipeline:
-    """Load a decoder folder, detecting sdxl/sana from model_index.json or the subfolders (unet/ vs transformer/).
+    """Load a decoder folder, detecting the kind from model_index.json or the denoiser's subfolder (unet/,
+    transformer/).
 
     Accepts our `save_pretrained` folders and the official `diffusion-decoder/` layout (unet/vae/scheduler,
     optional feature_extractor, `*.bf16.safetensors`; its custom pipeline code is ignored). variant="auto"
@@ -113,8 +91,8 @@ def make_tiny_decoder(
 
     null_features: the unconditional input to store, e.g. target-encoder features of a black image (sana) or
         of an empty input (sdxl); zeros when omitted.
-    layout "official" (sdxl only) writes the `diffusion-decoder/` layout instead: bf16 variant weights,
-        Emu2 model_index.json, no null condition.
+    layout "official" (decoders whose spec has `save_official`: sdxl) writes the `diffusion-decoder/` layout
+        instead: bf16 variant weights, Emu2 model_index.json, no null condition.
     """
     pipe = build_decoder(name, preset="tiny", feature_dim=feature_dim, num_tokens=num_tokens,
                          image_size=image_size, seed=seed, **overrides)
@@ -122,9 +100,11 @@ def make_tiny_decoder(
         pipe.set_null_features(null_features, source="custom")
     path = os.fspath(path)
     if layout == "official":
-        if name != "sdxl":
-            raise ValueError("the official folder layout exists only for the sdxl decoder")
-        save_official_layout(pipe, path)
+        save_official = DECODERS.get(name).save_official
+        if save_official is None:
+            have = [n for n in DECODERS.names() if DECODERS.get(n).save_official is not None]
+            raise ValueError(f"the official folder layout exists only for the {', '.join(have)} decoder(s), not {name}")
+        save_official(pipe, path)
     elif layout == "diffusers":
         pipe.save_pretrained(path)
     else:

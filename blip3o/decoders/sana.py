@@ -10,23 +10,25 @@ from __future__ import annotations
 from typing import Any, Dict, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from diffusers import AutoencoderDC, DPMSolverMultistepScheduler, SanaTransformer2DModel
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.normalization import RMSNorm
+from diffusers.utils.torch_utils import randn_tensor
 
-from blip3o.decoders.base import (
-    DecoderLoadError,
-    FeatureDecoderPipeline,
+from blip3o.decoders.components import (
     NullCondition,
     PixelUnshuffleAutoencoder,
     calibrate_scaling_factor,
-    load_component,
-    register_component_class,
-    register_pipeline_class,
+    encode_to_latents,
 )
+from blip3o.decoders.io import DecoderLoadError, load_component, read_model_index
+from blip3o.decoders.pipeline import FeatureDecoderPipeline
+from blip3o.decoders.spec import DECODERS, DecoderSpec
+from blip3o.decoders.training import check_inputs, check_prediction, null_features, prepare_features, uniform, unwrap
 
 OFFICIAL_REPO = "BLIP3o/SigLIP2_SANA"
 SIGLIP2_DIM = 1152
@@ -85,7 +87,6 @@ OFFICIAL_SCHEDULER_CONFIG: Dict[str, Any] = dict(
 )
 
 
-@register_component_class
 class SanaFeatureConnector(ModelMixin, ConfigMixin):
     """Maps vision features into SANA's caption space: Linear, GELU(tanh), Linear, RMSNorm (weight sqrt(5.5)).
 
@@ -151,7 +152,6 @@ def tiny_vae_config() -> Dict[str, Any]:
     )
 
 
-@register_pipeline_class
 class SanaFeatureDecoderPipeline(FeatureDecoderPipeline):
     """SigLIP2 tokens -> connector -> SanaTransformer2DModel + AutoencoderDC, DPM-Solver++ flow sampling."""
 
@@ -202,8 +202,35 @@ class SanaFeatureDecoderPipeline(FeatureDecoderPipeline):
         null = load_component(root, "null_condition", torch_dtype, variant)
         if null is None:
             null = NullCondition(num_tokens=64, feature_dim=parts["connector"].config.in_dim, source="zeros")
-        steps = cls._pipeline_config(root).get("default_num_inference_steps", OFFICIAL_STEPS)
+        steps = read_model_index(root).get("default_num_inference_steps", OFFICIAL_STEPS)
         return cls(**parts, null_condition=null, default_num_inference_steps=int(steps))
+
+
+def sana_training_loss(parts, images, features, generator=None, null_prob=0.1, feature_noise=0.0, prediction=None):
+    """Flow matching on the scheduler's flow sigmas (see blip3o/decoders/training.py)."""
+    transformer, vae, scheduler, connector = parts["transformer"], parts["vae"], parts["scheduler"], parts["connector"]
+    t_cfg, dtype = unwrap(transformer).config, unwrap(transformer).dtype
+    check_inputs(images, features, unwrap(connector).config.in_dim, "sana")
+    pred_type = check_prediction("sana", prediction, scheduler)
+    if pred_type not in ("flow_prediction", "sample"):
+        raise ValueError(f"sana supports flow or x0 (sample) prediction, got '{pred_type}'")
+
+    x0 = encode_to_latents(vae, images)
+    device, batch = x0.device, x0.shape[0]
+    steps = scheduler.config.num_train_timesteps
+    # Discrete uniform sigma on {1/T, ..., 1}, as the reference's index into the flow scheduler's sigmas.
+    sigma = ((uniform((batch,), generator, device) * steps).floor().clamp_max(steps - 1) + 1) / steps
+    noise = randn_tensor(x0.shape, generator=generator, device=device)
+    s = sigma.view(batch, 1, 1, 1)
+    x_t = (1 - s) * x0 + s * noise
+
+    feats, drop = prepare_features(features.to(device), null_features(parts), generator, null_prob, feature_noise)
+    cond = connector(feats.to(unwrap(connector).dtype)).to(dtype)
+    timestep = sigma * steps * t_cfg.timestep_scale
+    out = transformer(x_t.to(dtype), encoder_hidden_states=cond, timestep=timestep, return_dict=False)[0]
+    target = noise - x0 if pred_type == "flow_prediction" else x0
+    loss = F.mse_loss(out.float(), target)
+    return loss, {"mse": loss.detach(), "sigma_mean": sigma.mean(), "null_frac": drop.float().mean()}
 
 
 def build_sana_decoder(
@@ -282,3 +309,11 @@ def build_sana_decoder(
     for m in (pipe.transformer, pipe.vae, pipe.connector, pipe.null_condition):
         m.eval()
     return pipe
+
+
+DECODERS.register("sana")(DecoderSpec(
+    name="sana", pipeline_class=SanaFeatureDecoderPipeline, build=build_sana_decoder, training_loss=sana_training_loss,
+    trained=("transformer", "connector"), official_repo=OFFICIAL_REPO, official_subfolder=None, target="siglip",
+    feature_dim=SIGLIP2_DIM, target_encoder="siglip2-so400m-patch16-512 (penultimate layer, 64 pooled tokens)",
+    component_classes=(SanaFeatureConnector,),
+))

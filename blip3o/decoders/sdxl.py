@@ -21,16 +21,18 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+from diffusers.utils.torch_utils import randn_tensor
 
-from blip3o.decoders.base import (
-    DecoderLoadError,
-    FeatureDecoderPipeline,
+from blip3o.decoders.components import (
     NullCondition,
     PixelUnshuffleAutoencoder,
     calibrate_scaling_factor,
-    load_component,
-    register_pipeline_class,
+    encode_to_latents,
 )
+from blip3o.decoders.io import DecoderLoadError, load_component, read_model_index
+from blip3o.decoders.pipeline import FeatureDecoderPipeline
+from blip3o.decoders.spec import DECODERS, DecoderSpec
+from blip3o.decoders.training import check_inputs, check_prediction, null_features, prepare_features, uniform, unwrap
 
 OFFICIAL_REPO = "BLIP3o/BLIP3o-Model-8B"
 OFFICIAL_SUBFOLDER = "diffusion-decoder"
@@ -148,7 +150,6 @@ def tiny_scheduler_config(prediction_type: str) -> Dict[str, Any]:
     return cfg
 
 
-@register_pipeline_class
 class SDXLFeatureDecoderPipeline(FeatureDecoderPipeline):
     """EVA-CLIP tokens -> SDXL UNet + AutoencoderKL + EulerDiscreteScheduler (Emu2-style conditioning)."""
 
@@ -206,8 +207,43 @@ class SDXLFeatureDecoderPipeline(FeatureDecoderPipeline):
         null = load_component(root, "null_condition", torch_dtype, variant)
         if null is None:  # official folders carry no null condition: zeros (see module docstring)
             null = NullCondition(num_tokens=64, feature_dim=parts["unet"].config.cross_attention_dim, source="zeros")
-        steps = cls._pipeline_config(root).get("default_num_inference_steps", OFFICIAL_STEPS)
+        steps = read_model_index(root).get("default_num_inference_steps", OFFICIAL_STEPS)
         return cls(**parts, null_condition=null, default_num_inference_steps=int(steps))
+
+
+def sdxl_training_loss(parts, images, features, generator=None, null_prob=0.1, feature_noise=0.0, prediction=None):
+    """DDPM noising with the scheduler's alphas_cumprod (see blip3o/decoders/training.py)."""
+    unet, vae, scheduler = parts["unet"], parts["vae"], parts["scheduler"]
+    unet_cfg, dtype = unwrap(unet).config, unwrap(unet).dtype
+    check_inputs(images, features, unet_cfg.cross_attention_dim, "sdxl")
+    pred_type = check_prediction("sdxl", prediction, scheduler)
+    if pred_type not in ("epsilon", "sample", "v_prediction"):
+        raise ValueError(f"sdxl supports epsilon, x0 (sample) or v_prediction, got '{pred_type}'")
+
+    x0 = encode_to_latents(vae, images)
+    device, batch = x0.device, x0.shape[0]
+    t = (uniform((batch,), generator, device) * scheduler.config.num_train_timesteps).long()
+    t = t.clamp_max(scheduler.config.num_train_timesteps - 1)
+    noise = randn_tensor(x0.shape, generator=generator, device=device)
+    alpha_bar = scheduler.alphas_cumprod.to(device)[t].view(batch, 1, 1, 1).float()
+    a, s = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
+    x_t = a * x0 + s * noise
+
+    feats, drop = prepare_features(features.to(device), null_features(parts), generator, null_prob, feature_noise)
+    height, width = images.shape[-2:]
+    time_ids = SDXLFeatureDecoderPipeline.time_ids(batch, height, width, device, dtype)
+    if spatial_feature_channels(unwrap(unet)) > 0:
+        x_t = concat_feature_map(x_t, feats)
+    out = unet(
+        x_t.to(dtype),
+        t,
+        encoder_hidden_states=feats.to(dtype),
+        added_cond_kwargs={"text_embeds": feats.mean(dim=1).to(dtype), "time_ids": time_ids},
+        return_dict=False,
+    )[0]
+    target = {"epsilon": noise, "sample": x0, "v_prediction": a * noise - s * x0}[pred_type]
+    loss = F.mse_loss(out.float(), target)
+    return loss, {"mse": loss.detach(), "t_mean": t.float().mean(), "null_frac": drop.float().mean()}
 
 
 def build_sdxl_decoder(
@@ -330,3 +366,11 @@ def save_official_layout(pipe: SDXLFeatureDecoderPipeline, path: str, variant: s
     with open(os.path.join(path, "model_index.json"), "w") as f:
         json.dump(model_index, f, indent=2)
     return path
+
+
+DECODERS.register("sdxl")(DecoderSpec(
+    name="sdxl", pipeline_class=SDXLFeatureDecoderPipeline, build=build_sdxl_decoder, training_loss=sdxl_training_loss,
+    trained=("unet",), official_repo=OFFICIAL_REPO, official_subfolder=OFFICIAL_SUBFOLDER, target="eva_clip",
+    feature_dim=EVA_CLIP_DIM, target_encoder="eva-clip-E-14-plus (448 px, 64 pooled tokens)",
+    save_official=save_official_layout,
+))

@@ -1,8 +1,9 @@
-"""Reconstruction training of the feature decoders: pure loss functions plus a minimal loop for tests.
+"""Reconstruction training of the feature decoders: the shared loss machinery plus a minimal loop for tests.
 
 `decoder_training_loss` takes a pipeline or a mapping of its modules (so a trainer can pass DDP/DeepSpeed
 wrapped denoisers), images (B, 3, H, W) in [-1, 1] and their features (B, N, C), and returns
-(loss, parts). The objective always matches the scheduler the pipeline samples with:
+(loss, parts), calling the loss the decoder's spec registers (`sdxl_training_loss` in sdxl.py,
+`sana_training_loss` in sana.py). The objective always matches the scheduler the pipeline samples with:
 
 * sdxl: DDPM noising with the scheduler's alphas_cumprod, t ~ U{0..T-1}; the UNet sees
   x_t = sqrt(a) x0 + sqrt(1-a) eps (what EulerDiscreteScheduler.scale_model_input produces at sampling
@@ -25,45 +26,51 @@ import torch.nn.functional as F
 
 from diffusers.utils.torch_utils import randn_tensor
 
-from blip3o.decoders.base import FeatureDecoderPipeline, calibrate_scaling_factor, encode_to_latents
+from blip3o.decoders.components import calibrate_scaling_factor
+from blip3o.decoders.pipeline import FeatureDecoderPipeline
+from blip3o.decoders.spec import DECODERS, DecoderSpec
 
-_PREDICTION_ALIASES = {
+PREDICTION_ALIASES = {
     "epsilon": "epsilon", "eps": "epsilon", "v_prediction": "v_prediction", "v": "v_prediction",
     "x0": "sample", "sample": "sample", "flow": "flow_prediction", "flow_prediction": "flow_prediction",
 }
 
 
-def _unwrap(module):
+def unwrap(module):
     """The underlying model of a DDP / DeepSpeed / compiled wrapper (for .config and .dtype)."""
     while hasattr(module, "module") and not hasattr(module, "config"):
         module = module.module
     return getattr(module, "_orig_mod", module)
 
 
-def _as_parts(pipe_or_modules: Union[FeatureDecoderPipeline, Mapping[str, Any]]) -> Tuple[str, Dict[str, Any]]:
+def _as_parts(pipe_or_modules: Union[FeatureDecoderPipeline, Mapping[str, Any]]) -> Tuple[DecoderSpec, Dict[str, Any]]:
     if isinstance(pipe_or_modules, FeatureDecoderPipeline):
-        return pipe_or_modules.kind, dict(pipe_or_modules.components)
+        return pipe_or_modules.spec, dict(pipe_or_modules.components)
     if isinstance(pipe_or_modules, Mapping):
         parts = dict(pipe_or_modules)
-        kind = parts.get("kind") or ("sdxl" if "unet" in parts else "sana" if "transformer" in parts else None)
-        if kind is None:
-            raise ValueError("decoder modules need a 'unet' (sdxl) or 'transformer' (sana) entry")
-        return kind, parts
+        if parts.get("kind"):
+            return DECODERS.get(parts["kind"]), parts
+        specs = [DECODERS.get(name) for name in DECODERS.names()]
+        for spec in specs:  # the denoiser's name tells the decoder (unet: sdxl, transformer: sana)
+            if spec.denoiser in parts:
+                return spec, parts
+        need = " or ".join(f"'{s.denoiser}' ({s.name})" for s in specs)
+        raise ValueError(f"decoder modules need a {need} entry")
     raise TypeError(f"expected a FeatureDecoderPipeline or a mapping of its modules, got {type(pipe_or_modules)}")
 
 
-def _null_features(parts: Dict[str, Any]) -> torch.Tensor:
+def null_features(parts: Dict[str, Any]) -> torch.Tensor:
     if parts.get("null_features") is not None:
         return parts["null_features"]
     return parts["null_condition"].features
 
 
-def _rand(shape, generator, device) -> torch.Tensor:
+def uniform(shape, generator, device) -> torch.Tensor:
     gen_device = generator.device if generator is not None else device
     return torch.rand(shape, generator=generator, device=gen_device).to(device)
 
 
-def _prepare_features(features, null, generator, null_prob: float, feature_noise: float):
+def prepare_features(features, null, generator, null_prob: float, feature_noise: float):
     """Feature-noise augmentation, then CFG dropout to the null condition."""
     features = features.float()
     batch = features.shape[0]
@@ -72,7 +79,7 @@ def _prepare_features(features, null, generator, null_prob: float, feature_noise
         features = features + feature_noise * scale * randn_tensor(
             features.shape, generator=generator, device=features.device
         )
-    drop = _rand((batch,), generator, features.device) < null_prob
+    drop = uniform((batch,), generator, features.device) < null_prob
     if null_prob > 0:
         if null.shape[1] != features.shape[1]:
             raise ValueError(f"null condition has {null.shape[1]} tokens, features have {features.shape[1]}")
@@ -81,11 +88,11 @@ def _prepare_features(features, null, generator, null_prob: float, feature_noise
     return features, drop
 
 
-def _check_prediction(kind: str, prediction: Optional[str], scheduler) -> str:
+def check_prediction(kind: str, prediction: Optional[str], scheduler) -> str:
     sampled_with = scheduler.config.prediction_type
     if prediction is None:
         return sampled_with
-    wanted = _PREDICTION_ALIASES.get(prediction)
+    wanted = PREDICTION_ALIASES.get(prediction)
     if wanted != sampled_with:
         raise ValueError(
             f"{kind} decoder samples with prediction_type '{sampled_with}' but training asked for '{prediction}'; "
@@ -94,78 +101,13 @@ def _check_prediction(kind: str, prediction: Optional[str], scheduler) -> str:
     return wanted
 
 
-def _check_inputs(images: torch.Tensor, features: torch.Tensor, feature_dim: int, kind: str):
+def check_inputs(images: torch.Tensor, features: torch.Tensor, feature_dim: int, kind: str):
     if images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"images must be (B, 3, H, W) in [-1, 1], got {tuple(images.shape)}")
     if features.ndim != 3 or features.shape[0] != images.shape[0]:
         raise ValueError(f"features must be (B, N, C) with B={images.shape[0]}, got {tuple(features.shape)}")
     if features.shape[-1] != feature_dim:
         raise ValueError(f"{kind} decoder expects feature dim {feature_dim}, got {features.shape[-1]}")
-
-
-def sdxl_training_loss(parts, images, features, generator=None, null_prob=0.1, feature_noise=0.0, prediction=None):
-    unet, vae, scheduler = parts["unet"], parts["vae"], parts["scheduler"]
-    unet_cfg, dtype = _unwrap(unet).config, _unwrap(unet).dtype
-    _check_inputs(images, features, unet_cfg.cross_attention_dim, "sdxl")
-    pred_type = _check_prediction("sdxl", prediction, scheduler)
-    if pred_type not in ("epsilon", "sample", "v_prediction"):
-        raise ValueError(f"sdxl supports epsilon, x0 (sample) or v_prediction, got '{pred_type}'")
-
-    x0 = encode_to_latents(vae, images)
-    device, batch = x0.device, x0.shape[0]
-    t = (_rand((batch,), generator, device) * scheduler.config.num_train_timesteps).long()
-    t = t.clamp_max(scheduler.config.num_train_timesteps - 1)
-    noise = randn_tensor(x0.shape, generator=generator, device=device)
-    alpha_bar = scheduler.alphas_cumprod.to(device)[t].view(batch, 1, 1, 1).float()
-    a, s = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
-    x_t = a * x0 + s * noise
-
-    feats, drop = _prepare_features(features.to(device), _null_features(parts), generator, null_prob, feature_noise)
-    height, width = images.shape[-2:]
-    time_ids = torch.tensor([height, width, 0, 0, height, width], device=device, dtype=dtype).expand(batch, 6)
-    from blip3o.decoders.sdxl import concat_feature_map, spatial_feature_channels
-
-    if spatial_feature_channels(_unwrap(unet)) > 0:
-        x_t = concat_feature_map(x_t, feats)
-    out = unet(
-        x_t.to(dtype),
-        t,
-        encoder_hidden_states=feats.to(dtype),
-        added_cond_kwargs={"text_embeds": feats.mean(dim=1).to(dtype), "time_ids": time_ids},
-        return_dict=False,
-    )[0]
-    target = {"epsilon": noise, "sample": x0, "v_prediction": a * noise - s * x0}[pred_type]
-    loss = F.mse_loss(out.float(), target)
-    return loss, {"mse": loss.detach(), "t_mean": t.float().mean(), "null_frac": drop.float().mean()}
-
-
-def sana_training_loss(parts, images, features, generator=None, null_prob=0.1, feature_noise=0.0, prediction=None):
-    transformer, vae, scheduler, connector = parts["transformer"], parts["vae"], parts["scheduler"], parts["connector"]
-    t_cfg, dtype = _unwrap(transformer).config, _unwrap(transformer).dtype
-    _check_inputs(images, features, _unwrap(connector).config.in_dim, "sana")
-    pred_type = _check_prediction("sana", prediction, scheduler)
-    if pred_type not in ("flow_prediction", "sample"):
-        raise ValueError(f"sana supports flow or x0 (sample) prediction, got '{pred_type}'")
-
-    x0 = encode_to_latents(vae, images)
-    device, batch = x0.device, x0.shape[0]
-    steps = scheduler.config.num_train_timesteps
-    # Discrete uniform sigma on {1/T, ..., 1}, as the reference's index into the flow scheduler's sigmas.
-    sigma = ((_rand((batch,), generator, device) * steps).floor().clamp_max(steps - 1) + 1) / steps
-    noise = randn_tensor(x0.shape, generator=generator, device=device)
-    s = sigma.view(batch, 1, 1, 1)
-    x_t = (1 - s) * x0 + s * noise
-
-    feats, drop = _prepare_features(features.to(device), _null_features(parts), generator, null_prob, feature_noise)
-    cond = connector(feats.to(_unwrap(connector).dtype)).to(dtype)
-    timestep = sigma * steps * t_cfg.timestep_scale
-    out = transformer(x_t.to(dtype), encoder_hidden_states=cond, timestep=timestep, return_dict=False)[0]
-    target = noise - x0 if pred_type == "flow_prediction" else x0
-    loss = F.mse_loss(out.float(), target)
-    return loss, {"mse": loss.detach(), "sigma_mean": sigma.mean(), "null_frac": drop.float().mean()}
-
-
-_LOSSES = {"sdxl": sdxl_training_loss, "sana": sana_training_loss}
 
 
 def decoder_training_loss(
@@ -184,14 +126,20 @@ def decoder_training_loss(
     prediction: None to use the scheduler's prediction_type; otherwise it must match it ("epsilon",
         "v_prediction", "x0" for sdxl; "flow", "x0" for sana).
     """
-    kind, parts = _as_parts(pipeline_or_modules)
-    return _LOSSES[kind](parts, images, features, generator, null_prob, feature_noise, prediction)
+    spec, parts = _as_parts(pipeline_or_modules)
+    return spec.training_loss(parts, images, features, generator, null_prob, feature_noise, prediction)
+
+
+def trained_modules(pipeline: FeatureDecoderPipeline) -> List[torch.nn.Module]:
+    """The modules reconstruction training updates, denoiser first (the decoder spec's `trained`)."""
+    return [getattr(pipeline, name) for name in pipeline.spec.trained]
 
 
 def trainable_parameters(pipeline: FeatureDecoderPipeline) -> List[torch.nn.Parameter]:
-    """Denoiser (+ SANA connector) parameters; freezes the VAE and the null condition as a side effect."""
+    """Parameters of the modules the decoder's loss trains (the denoiser, and SANA's connector); freezes the
+    VAE and the null condition as a side effect."""
     frozen = [pipeline.vae, pipeline.null_condition]
-    trained = [pipeline.denoiser] + ([pipeline.connector] if pipeline.kind == "sana" else [])
+    trained = trained_modules(pipeline)
     for m in frozen:
         m.requires_grad_(False)
     for m in trained:
@@ -217,7 +165,7 @@ def train_decoder_steps(
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     generator = torch.Generator().manual_seed(seed)
     source = itertools.cycle(batches) if isinstance(batches, (list, tuple)) else iter(batches)
-    trained = [pipe.denoiser] + ([pipe.connector] if pipe.kind == "sana" else [])
+    trained = trained_modules(pipe)
     for m in trained:
         m.train()
     losses = []

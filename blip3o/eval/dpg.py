@@ -41,7 +41,7 @@ def generate_dpg(pipe, rows, out: str, seed: int = 42, n_samples: int = 4, guida
     import torch
     from tqdm.auto import tqdm
 
-    from blip3o.train.tasks import make_grid
+    from blip3o.images import make_grid
 
     out_p = Path(out)
     out_p.mkdir(parents=True, exist_ok=True)

@@ -41,7 +41,7 @@ def generate_geneval(pipe, rows: List[Dict], out: str, n_samples: int = 4, seed:
     """Generates the rows assigned to this rank (strided by index); returns the number of images."""
     from tqdm.auto import tqdm
 
-    from blip3o.train.tasks import make_grid
+    from blip3o.images import make_grid
 
     out_p = Path(out)
     mine = [(i, r) for i, r in enumerate(rows) if i % world_size == rank]

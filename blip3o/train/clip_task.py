@@ -19,6 +19,7 @@ import torch
 from blip3o.config import ExperimentConfig
 from blip3o.train.distributed import DistInfo
 from blip3o.train.image_task import ImageLoaderTask
+from blip3o.train.task_registry import TASKS
 
 logger = logging.getLogger("blip3o.train")
 
@@ -34,6 +35,7 @@ class _ClipModule(torch.nn.Module):
         return self.clip(images, captions, generator=generator)
 
 
+@TASKS.register("clip")
 class ClipTask(ImageLoaderTask):
     def __init__(self, cfg: ExperimentConfig, dist: DistInfo):
         from blip3o.models.targets import TARGET_PRESETS
@@ -67,13 +69,6 @@ class ClipTask(ImageLoaderTask):
                     flops += 6.0 * layer.weight.numel() * x.shape[-1] * x.shape[-2]
         return {"trainable": flops, "frozen": 0.0}
 
-    def _with_ema(self, ema):
-        if ema is not None:
-            with torch.no_grad():
-                for n, p in self.model.named_parameters():
-                    if n in ema.shadow:
-                        p.copy_(ema.shadow[n].to(p.dtype))
-
     @torch.no_grad()
     def sample(self, path: Path, ema=None):
         """Zero-shot accuracy of the current weights (JSON beside where image tasks write their grid)."""
@@ -94,7 +89,8 @@ class ClipTask(ImageLoaderTask):
 
         if state_dict is not None:
             raise ValueError("the clip task does not support sharded engines (ZeRO-3, FSDP): it is a toy-sized model")
-        self._with_ema(ema)
+        if ema is not None:
+            ema.copy_to(self.model)
         self.clip.eval()
         self.clip.save_pretrained(str(out))
         acc = zero_shot_accuracy(self.clip)

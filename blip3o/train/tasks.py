@@ -4,12 +4,14 @@
   caption/image data — the paper's training.
 * ``decoder``: the CLIP->pixels diffusion decoder by reconstruction (frozen target encoder ->
   features -> decoder recovers the image).
+* ``clip``: the toy world's CLIP (``clip_task.py``).
 
 A task provides ``model``, ``build_loader``, ``to_device``, ``loss``, ``flops_per_sample``,
 ``sample`` and ``save_final``; the loop in ``trainer.py`` does the rest.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
@@ -19,8 +21,11 @@ from typing import Dict, List, Optional
 import torch
 
 from blip3o.config import ExperimentConfig
+from blip3o.images import feature_summary_image, make_grid, to_pil
+from blip3o.train.clip_task import ClipTask  # noqa: F401  (registers "clip")
 from blip3o.train.distributed import DistInfo
 from blip3o.train.image_task import ImageLoaderTask
+from blip3o.train.task_registry import TASKS
 
 logger = logging.getLogger("blip3o.train")
 
@@ -54,37 +59,7 @@ def move(batch, device):
     return batch
 
 
-def feature_summary_image(x: torch.Tensor, cell: int = 8):
-    """Without a pixel decoder, a sample grid shows each feature map's first three principal
-    components as RGB (one tile per sample), enough to see collapse or mode structure."""
-    from PIL import Image
-
-    b, c, h, w = x.shape
-    flat = x.float().permute(0, 2, 3, 1).reshape(-1, c)
-    flat = flat - flat.mean(0)
-    _, _, v = torch.pca_lowrank(flat, q=min(3, c), center=False)
-    proj = (flat @ v[:, :3]).reshape(b, h, w, -1)
-    lo, hi = proj.amin(dim=(0, 1, 2)), proj.amax(dim=(0, 1, 2))
-    proj = ((proj - lo) / (hi - lo + 1e-6) * 255).byte()
-    if proj.shape[-1] < 3:
-        proj = torch.cat([proj, proj[..., :1].expand(-1, -1, -1, 3 - proj.shape[-1])], -1)
-    tiles = [Image.fromarray(p.numpy()).resize((w * cell, h * cell), Image.NEAREST) for p in proj]
-    return make_grid(tiles)
-
-
-def make_grid(images, cols: Optional[int] = None):
-    from PIL import Image
-
-    n = len(images)
-    cols = cols or min(n, 4)
-    rows = (n + cols - 1) // cols
-    w, h = images[0].size
-    grid = Image.new("RGB", (cols * w, rows * h), "white")
-    for i, im in enumerate(images):
-        grid.paste(im.convert("RGB"), ((i % cols) * w, (i // cols) * h))
-    return grid
-
-
+@TASKS.register("t2i")
 class T2ITask:
     def __init__(self, cfg: ExperimentConfig, dist: DistInfo):
         from blip3o.models.build import build_model
@@ -160,20 +135,11 @@ class T2ITask:
         m = self.model
         was = m.training
         m.eval()
-        backup = None
-        if ema is not None:
-            backup = {n: p.detach().clone() for n, p in m.named_parameters() if n in ema.shadow}
-            for n, p in m.named_parameters():
-                if n in ema.shadow:
-                    p.copy_(ema.shadow[n])
         try:
-            gens = [torch.Generator().manual_seed(seed + i) for i in range(len(prompts))]
-            feats = m.generate_features(prompts, generator=gens)
+            with contextlib.nullcontext() if ema is None else ema.swapped_in(m):
+                gens = [torch.Generator().manual_seed(seed + i) for i in range(len(prompts))]
+                feats = m.generate_features(prompts, generator=gens)
         finally:
-            if backup is not None:
-                for n, p in m.named_parameters():
-                    if n in backup:
-                        p.copy_(backup[n])
             m.train(was)
         return feats
 
@@ -182,11 +148,7 @@ class T2ITask:
             tokens = feats.flatten(2).transpose(1, 2)  # (B, C, h, w) -> (B, h*w, C), row-major
             return self.decoder(tokens, output_type="pil")
         if self.target.decodes_to_pixels:
-            pix = self.target.decode(feats.to(self.dist.device)).clamp(-1, 1)
-            from PIL import Image
-
-            arr = ((pix + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
-            return [Image.fromarray(a) for a in arr]
+            return to_pil(self.target.decode(feats.to(self.dist.device)).clamp(-1, 1))
         return None
 
     def sample(self, path: Path, ema=None):
@@ -202,10 +164,7 @@ class T2ITask:
         only this rank's shards."""
         m = self.model
         if ema is not None:
-            with torch.no_grad():
-                for n, p in m.named_parameters():
-                    if n in ema.shadow:
-                        p.copy_(ema.shadow[n].to(p.dtype))
+            ema.copy_to(m)
         if self.cfg.model.decoder_path:
             dst = out / "diffusion-decoder"
             if Path(self.cfg.model.decoder_path).resolve() != dst.resolve():
@@ -215,15 +174,6 @@ class T2ITask:
         m.save_pretrained(out, **({"state_dict": state_dict} if state_dict is not None else {}))
         (out / "experiment.json").write_text(json.dumps(self.cfg.to_dict(), indent=2))
         logger.info("saved final model to %s", out)
-
-
-TASKS = {"t2i": T2ITask}
-
-
-def get_task(name: str):
-    if name not in TASKS:
-        raise ValueError(f"train.task: '{name}' is not one of {sorted(TASKS)}")
-    return TASKS[name]
 
 
 class _DecoderModule(torch.nn.Module):
@@ -236,7 +186,8 @@ class _DecoderModule(torch.nn.Module):
 
         self.pipe = pipe
         self.denoiser = pipe.denoiser
-        self.connector = pipe.connector if pipe.kind == "sana" else None
+        for name in pipe.spec.trained[1:]:  # what the loss trains besides the denoiser (SANA's connector)
+            setattr(self, name, getattr(pipe, name))
         self.vae = pipe.vae
         self.null_condition = pipe.null_condition
         trainable_parameters(pipe)
@@ -251,6 +202,7 @@ class _DecoderModule(torch.nn.Module):
         return loss, parts
 
 
+@TASKS.register("decoder")
 class DecoderTask(ImageLoaderTask):
     """Reconstruction training of the CLIP->pixels decoder: image -> frozen target encoder -> pooled
     features -> the decoder learns to recover the image (reference §3.2). The loader yields decoder
@@ -316,13 +268,10 @@ class DecoderTask(ImageLoaderTask):
     def sample(self, path: Path, ema=None):
         if self.val_images is None:
             return None
-        from PIL import Image
-
         feats = self.features_of(self.val_images)
         gens = [torch.Generator().manual_seed(i) for i in range(feats.shape[0])]
         recon = self.pipe(feats, generator=gens, output_type="pil").images
-        orig = [Image.fromarray(((im.permute(1, 2, 0) + 1) * 127.5).clamp(0, 255).byte().cpu().numpy())
-                for im in self.val_images]
+        orig = to_pil(self.val_images)
         grid = make_grid(orig + list(recon), cols=len(orig))
         path.parent.mkdir(parents=True, exist_ok=True)
         grid.save(path)
@@ -332,17 +281,15 @@ class DecoderTask(ImageLoaderTask):
         if state_dict is not None:
             raise ValueError("the decoder task does not support sharded engines (ZeRO-3, FSDP)")
         if ema is not None:
-            with torch.no_grad():
-                for n, p in self.model.named_parameters():
-                    if n in ema.shadow:
-                        p.copy_(ema.shadow[n].to(p.dtype))
+            ema.copy_to(self.model)
         self.pipe.save_pretrained(str(out))
         (out / "experiment.json").write_text(json.dumps(self.cfg.to_dict(), indent=2))
         logger.info("saved decoder to %s", out)
 
 
-TASKS["decoder"] = DecoderTask
 
-from blip3o.train.clip_task import ClipTask  # noqa: E402  (registered here so get_task sees every task)
-
-TASKS["clip"] = ClipTask
+def get_task(name: str):
+    """The task class for ``train.task`` (a ValueError naming the registered ones otherwise)."""
+    if name not in TASKS:
+        raise ValueError(f"train.task: '{name}' is not one of {TASKS.names()}")
+    return TASKS.get(name)

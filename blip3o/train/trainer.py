@@ -25,6 +25,7 @@ from blip3o.config import ExperimentConfig
 from blip3o.train import checkpoint as ckpt
 from blip3o.train.distributed import (DistInfo, all_reduce_max, all_reduce_mean, barrier, broadcast_buffers,
                                       init_distributed)
+from blip3o.train.ema import EMA
 
 logger = logging.getLogger("blip3o.train")
 
@@ -72,17 +73,6 @@ def device_peak_flops(device: torch.device) -> float:
     for _ in range(reps):
         a @ b
     return 2 * n ** 3 * reps / (time.perf_counter() - t)
-
-
-class EMA:
-    def __init__(self, named_params, decay: float):
-        self.decay = decay
-        self.shadow = {n: p.detach().clone().float() for n, p in named_params}
-
-    @torch.no_grad()
-    def update(self, named_params):
-        for n, p in named_params:
-            self.shadow[n].lerp_(p.detach().float(), 1 - self.decay)
 
 
 class Trainer:
