@@ -20,24 +20,13 @@ import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import yaml
 
 
 class ConfigError(ValueError):
     """A configuration problem; the message is one line that names the field."""
-
-
-# ----------------------------------------------------------------------------------------------
-# Registries of variant names (the objects live in their modules; names are validated here so a
-# typo fails at config time, not an hour into a run).
-BACKBONES = ("qwen2_5_vl", "llama3", "qwen3")
-TARGETS = ("eva_clip", "siglip", "vae", "toy_clip")
-OBJECTIVES = ("flow", "mse")
-DECODERS = ("sdxl", "sana", "none")
-RECIPES = ("sequential", "joint")
-GENERATORS = ("blip3o", "transfusion", "lmfusion")  # blip3o: queries + DiT; the others: blip3o/models/fusion.py
 
 
 @dataclass
@@ -183,14 +172,14 @@ PRESETS: Dict[str, Dict[str, Dict[str, Any]]] = {
     },
 }
 
+# Fixed choices of plain settings. Variant names (backbone, target, objective, decoder, recipe, generator,
+# train.task) are checked against their registries in `validate`.
 CHOICES = {
-    ("model", "backbone"): BACKBONES, ("model", "target"): TARGETS, ("model", "objective"): OBJECTIVES,
-    ("model", "decoder"): DECODERS, ("model", "decoder_preset"): ("tiny", "official"), ("model", "recipe"): RECIPES,
-    ("model", "generator"): GENERATORS,
+    ("model", "decoder_preset"): ("tiny", "official"),
     ("model", "time_sampling"): ("uniform", "logit_normal"), ("model", "sample_timesteps"): ("auto", "integer", "float"), ("model", "target_norm"): ("none", "channel"),
     ("model", "target_preset"): ("official", "tiny"), ("model", "dit_preset"): ("official", "tiny", "small"),
     ("data", "use_cache"): ("auto", "true", "false"), ("data", "json_loader"): ("auto", "json", "datasets"),
-    ("train", "mixed_precision"): ("bf16", "fp16", "no"), ("train", "task"): ("t2i", "decoder", "clip"), ("train", "report_to"): ("none", "wandb"),
+    ("train", "mixed_precision"): ("bf16", "fp16", "no"), ("train", "report_to"): ("none", "wandb"),
     ("train", "lr_scheduler_type"): ("cosine_with_min_lr", "cosine", "constant_with_warmup", "linear", "constant"),
 }
 
@@ -357,7 +346,33 @@ def load_config(path: Optional[Union[str, Path]] = None, overrides: Sequence[str
     return cfg
 
 
+def _registries() -> Dict[Tuple[str, str], Any]:
+    """(section, field) -> the registry that holds that field's variants, so the registries are the only list
+    of names. Imported here, not at the top: they pull in torch and the model code, and `import blip3o.config`
+    stays cheap for tools that only read a YAML."""
+    from blip3o.decoders import DECODERS
+    from blip3o.models import fusion  # noqa: F401  (registers the transfusion and lmfusion generators)
+    from blip3o.models.backbone import BACKBONES
+    from blip3o.models.blip3o import GENERATORS, RECIPES
+    from blip3o.models.targets import TARGETS
+    from blip3o.objectives import OBJECTIVES
+    from blip3o.train.tasks import TASKS
+
+    return {("model", "backbone"): BACKBONES, ("model", "target"): TARGETS, ("model", "objective"): OBJECTIVES,
+            ("model", "decoder"): DECODERS, ("model", "recipe"): RECIPES, ("model", "generator"): GENERATORS,
+            ("train", "task"): TASKS}
+
+
+def _check_names(cfg: ExperimentConfig) -> None:
+    for (section, key), registry in _registries().items():
+        value = getattr(getattr(cfg, section), key)
+        choices = sorted(registry) + (["none"] if (section, key) == ("model", "decoder") else [])  # none: no pixels
+        if value not in choices:
+            raise ConfigError(f"{section}.{key}: '{value}' is not one of {choices}")
+
+
 def validate(cfg: ExperimentConfig) -> None:
+    _check_names(cfg)
     m, t = cfg.model, cfg.train
     if m.num_queries < 1:
         raise ConfigError(f"model.num_queries: must be >= 1, got {m.num_queries}")

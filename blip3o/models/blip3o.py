@@ -32,8 +32,22 @@ from transformers.utils import ModelOutput
 from blip3o.models.backbone import get_backbone
 from blip3o.objectives import build_objective
 from blip3o.prompts import tokenize_for_generation
+from blip3o.registry import Registry
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    trains_backbone: bool  # besides the queries and the DiT; then with its language-modelling loss
+
+
+# model.recipe: what trains. sequential is the paper's (frozen backbone).
+RECIPES: "Registry[Recipe]" = Registry("recipe")
+RECIPES.register("sequential")(Recipe(trains_backbone=False))
+RECIPES.register("joint")(Recipe(trains_backbone=True))
+# model.generator -> model class; blip3o/models/fusion.py registers transfusion and lmfusion.
+GENERATORS: "Registry[type]" = Registry("generator")
 
 
 class Blip3oConfig(PretrainedConfig):
@@ -101,7 +115,7 @@ class Blip3oConfig(PretrainedConfig):
 
     @property
     def freeze_backbone(self) -> bool:
-        return self.recipe != "joint"
+        return not RECIPES.get(self.recipe).trains_backbone
 
 
 @dataclass
@@ -184,6 +198,7 @@ class GeneratorModelMixin:
             self.image_processor = AutoImageProcessor.from_pretrained(path)
 
 
+@GENERATORS.register("blip3o")
 class Blip3oForConditionalGeneration(GeneratorModelMixin, PreTrainedModel):
     config_class = Blip3oConfig
     base_model_prefix = "blip3o"

@@ -50,7 +50,7 @@ from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedMode
 from transformers.utils import ModelOutput
 
 from blip3o.models.backbone import get_backbone
-from blip3o.models.blip3o import GeneratorModelMixin
+from blip3o.models.blip3o import GENERATORS, GeneratorModelMixin
 from blip3o.models.fusion_layers import TimestepEmbedder, _rope, _route, fusion_attention_mask, patchify, unpatchify
 from blip3o.objectives import build_objective
 from blip3o.prompts import encode_generation_prompts, get_template, left_pad, tokenize_for_generation
@@ -555,5 +555,7 @@ def build_fusion_model(cfg, dtype: torch.dtype = torch.float32):
     return model, tokenizer
 
 
+for _name in FUSION_GENERATORS:
+    GENERATORS.register(_name)(Blip3oFusionForConditionalGeneration)
 AutoConfig.register(FusionConfig.model_type, FusionConfig)
 AutoModel.register(FusionConfig, Blip3oFusionForConditionalGeneration)
