@@ -30,7 +30,7 @@ from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedMode
 from transformers.utils import ModelOutput
 
 from blip3o.models.backbone import get_backbone
-from blip3o.objectives import build_objective
+from blip3o.objectives import build_objective, saved_settings
 from blip3o.prompts import tokenize_for_generation
 from blip3o.registry import Registry
 
@@ -97,7 +97,7 @@ class Blip3oConfig(PretrainedConfig):
         self.target_path = target_path
         self.target_norm = target_norm
         self.objective = objective
-        self.objective_kwargs = objective_kwargs or {}
+        self.objective_kwargs = saved_settings(objective, objective_kwargs or {})  # older dirs: flat flow settings
         self.cfg_dropout = cfg_dropout
         self.text_loss_weight = text_loss_weight
         self.decoder = decoder

@@ -59,8 +59,7 @@ def dit_config_for(cfg: ModelConfig, channels: int, grid, hidden: int) -> dict:
 
 
 def objective_kwargs_for(cfg: ModelConfig) -> dict:
-    return dict(time_sampling=cfg.time_sampling, logit_mean=cfg.logit_mean, logit_std=cfg.logit_std,
-                shift=cfg.time_shift, sample_timesteps=cfg.sample_timesteps)
+    return {k: v for k, v in cfg.objective.items() if k != "name"}
 
 
 def embed_new_tokens_as_mean(backbone, tokenizer, new_ids) -> None:
@@ -117,7 +116,7 @@ def build_model(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> Tuple[B
         backbone=cfg.backbone, backbone_config=backbone.config.to_dict(), backbone_path=bpath, recipe=cfg.recipe,
         num_queries=cfg.num_queries, dit_config=dit_config_for(cfg, channels, grid, hidden), target=cfg.target,
         target_channels=channels, target_grid=grid, target_path=resolve_target_path(cfg),
-        target_norm=cfg.target_norm, objective=cfg.objective, objective_kwargs=objective_kwargs,
+        target_norm=cfg.target_norm, objective=cfg.objective["name"], objective_kwargs=objective_kwargs,
         cfg_dropout=cfg.cfg_dropout, text_loss_weight=cfg.text_loss_weight if cfg.recipe == "joint" else 0.0,
         decoder=cfg.decoder, decoder_path=cfg.decoder_path, num_inference_steps=cfg.num_inference_steps,
         guidance_scale=cfg.guidance_scale, max_prompt_length=cfg.max_length,

@@ -52,7 +52,7 @@ from transformers.utils import ModelOutput
 from blip3o.models.backbone import get_backbone
 from blip3o.models.blip3o import GENERATORS, GeneratorModelMixin
 from blip3o.models.fusion_layers import TimestepEmbedder, _rope, _route, fusion_attention_mask, patchify, unpatchify
-from blip3o.objectives import build_objective
+from blip3o.objectives import build_objective, saved_settings
 from blip3o.prompts import encode_generation_prompts, get_template, left_pad, tokenize_for_generation
 
 FUSION_GENERATORS = ("transfusion", "lmfusion")
@@ -108,7 +108,7 @@ class FusionConfig(PretrainedConfig):
         self.target_norm = target_norm
         self.patch_size = patch_size
         self.objective = objective
-        self.objective_kwargs = objective_kwargs or {}
+        self.objective_kwargs = saved_settings(objective, objective_kwargs or {})
         self.cfg_dropout = cfg_dropout
         self.image_loss_weight = image_loss_weight
         self.text_loss_weight = text_loss_weight
@@ -537,7 +537,7 @@ def build_fusion_model(cfg, dtype: torch.dtype = torch.float32):
         generator_type=cfg.generator, backbone=cfg.backbone, backbone_config=backbone.config.to_dict(),
         backbone_path=bpath, target=cfg.target, target_channels=target.channels, target_grid=list(target.grid),
         target_path=resolve_target_path(cfg), target_norm=cfg.target_norm, patch_size=cfg.fusion_patch_size,
-        objective=cfg.objective,
+        objective=cfg.objective["name"],
         objective_kwargs=objective_kwargs_for(cfg),
         cfg_dropout=cfg.cfg_dropout, image_loss_weight=cfg.image_loss_weight, text_loss_weight=cfg.text_loss_weight,
         lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha, num_inference_steps=cfg.num_inference_steps,
