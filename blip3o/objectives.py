@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from blip3o.registry import Registry
+from blip3o.sampling import Predictors, euler_sample, zeroed_condition
 
 Net = Callable[..., torch.Tensor]
 Generators = Optional[Union[torch.Generator, Sequence[torch.Generator]]]
@@ -122,10 +123,16 @@ class FlowMatching:
     def sample(self, net: Net, cond: torch.Tensor, cond_mask: Optional[torch.Tensor], shape: Tuple[int, ...],
                num_steps: int = 30, guidance_scale: float = 3.0, generator: Generators = None,
                progress: Optional[Callable] = None) -> torch.Tensor:
-        from blip3o.sampling import euler_sample
+        """For a net whose unconditional prediction is the zeroed condition's (the DiT)."""
+        return self.sample_from(zeroed_condition(net, cond, cond_mask), shape, cond.device, num_steps,
+                                guidance_scale, generator, progress)
 
-        x = randn_like_per_sample(shape, generator, cond.device, torch.float32)
-        return euler_sample(net, x, cond, cond_mask, self.sigmas(num_steps), guidance_scale, progress=progress,
+    @torch.no_grad()
+    def sample_from(self, predict: Predictors, shape: Tuple[int, ...], device, num_steps: int = 30,
+                    guidance_scale: float = 3.0, generator: Generators = None,
+                    progress: Optional[Callable] = None) -> torch.Tensor:
+        x = randn_like_per_sample(shape, generator, device, torch.float32)
+        return euler_sample(predict, x, self.sigmas(num_steps), guidance_scale, progress=progress,
                             integer_timesteps=self.integer_timesteps)
 
 
@@ -148,15 +155,16 @@ class MSERegression:
     @torch.no_grad()
     def sample(self, net: Net, cond: torch.Tensor, cond_mask: Optional[torch.Tensor], shape, num_steps: int = 1,
                guidance_scale: float = 1.0, generator: Generators = None, progress=None) -> torch.Tensor:
+        return self.sample_from(zeroed_condition(net, cond, cond_mask), shape, cond.device,
+                                guidance_scale=guidance_scale)
+
+    @torch.no_grad()
+    def sample_from(self, predict: Predictors, shape, device, num_steps: int = 1, guidance_scale: float = 1.0,
+                    generator: Generators = None, progress=None) -> torch.Tensor:
         # Deterministic: seeds and steps do not matter. Guidance extrapolates the two regressions
-        # (cond vs zeroed cond), mirroring CFG, and is skipped at 1.0.
-        if guidance_scale == 1.0:
-            return self.predict(net, cond, cond_mask, shape).float()
-        both = torch.cat([torch.zeros_like(cond), cond])
-        mask = None if cond_mask is None else torch.cat([cond_mask, cond_mask])
-        out = self.predict(net, both, mask, (2 * shape[0],) + tuple(shape[1:])).float()
-        u, c = out.chunk(2)
-        return u + guidance_scale * (c - u)
+        # (cond vs uncond), mirroring CFG, and is skipped at 1.0.
+        canvas = torch.zeros(shape, device=device)
+        return predict(canvas, torch.zeros(shape[0], device=device), guidance_scale)
 
 
 def build_objective(name: str, **settings):

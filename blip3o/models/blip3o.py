@@ -33,6 +33,7 @@ from blip3o.models.backbone import get_backbone
 from blip3o.objectives import build_objective, saved_settings
 from blip3o.prompts import tokenize_for_generation
 from blip3o.registry import Registry
+from blip3o.sampling import zeroed_condition
 
 logger = logging.getLogger(__name__)
 
@@ -386,8 +387,8 @@ class Blip3oForConditionalGeneration(GeneratorModelMixin, PreTrainedModel):
             cond = cond.repeat_interleave(num_images_per_prompt, 0)
         dit_dtype = next(self.dit.parameters()).dtype
         shape = (cond.shape[0], self.config.target_channels, *self.config.target_grid)
-        x = self.objective.sample(
-            self._dit, cond.to(dit_dtype), None, shape,
+        x = self.objective.sample_from(
+            zeroed_condition(self._dit, cond.to(dit_dtype), None), shape, cond.device,
             num_steps=num_inference_steps or self.config.num_inference_steps,
             guidance_scale=self.config.guidance_scale if guidance_scale is None else guidance_scale,
             generator=generator, progress=progress)
