@@ -266,6 +266,10 @@ def _set(section_obj, section: str, key: str, value: Any) -> None:
     if key not in hints:
         close = difflib.get_close_matches(key, list(hints), n=1)
         hint = f" (did you mean '{section}.{close[0]}'?)" if close else ""
+        for s, k in COMPONENTS:  # the flat keys that older configs used (model.time_shift=3.0) say where they went
+            if s == section and key in {f.name for f in dataclasses.fields(_registries()[(s, k)].get(
+                    getattr(section_obj, k)["name"]))}:
+                hint = f" (a setting of the {k} now: '{s}.{k}.{key}')"
         raise ConfigError(f"unknown field '{section}.{key}'{hint}")
     where = f"{section}.{key}"
     if (section, key) == ("data", "use_cache") and isinstance(value, bool):

@@ -46,6 +46,7 @@ def test_presets_and_overrides(tmp_path):
     (["model.objective.time_shfit=3"], "model.objective.time_shfit: not a setting of objective 'flow' (did you mean"),
     (["model.objective.time_shift=fast"], "model.objective.time_shift: expected float"),
     (["model.objective=[flow]"], "model.objective: expected a name or a mapping"),
+    (["model.time_shift=3.0"], "unknown field 'model.time_shift' (a setting of the objective now: 'model.objective.time_shift')"),
     (["model.generator=gan"], "model.generator: 'gan' is not one of ['blip3o', 'lmfusion', 'transfusion']"),
     (["model.recipe=lora"], "model.recipe: 'lora' is not one of ['joint', 'sequential']"),
     (["model.decoder=dalle"], "model.decoder: 'dalle' is not one of ['sana', 'sdxl', 'none']"),
