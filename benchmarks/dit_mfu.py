@@ -158,7 +158,7 @@ def main(argv=None) -> int:
     import blip3o  # noqa: F401
     from blip3o.models.dit import build_dit
     from blip3o.objectives import FlowMatching
-    from blip3o.sampling import euler_sample
+    from blip3o.sampling import euler_sample, zeroed_condition
 
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cpu":
@@ -245,7 +245,7 @@ def main(argv=None) -> int:
 
             def sample():
                 with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-                    return euler_sample(dit, x, cond, None, sig, guidance_scale=3.0)
+                    return euler_sample(zeroed_condition(dit, cond, None), x, sig, guidance_scale=3.0)
 
             st = statistics.median(timed(sample, reps, 1, device))
             sflops = a.sample_steps * 2 * bs * fl["fwd"]

@@ -3,12 +3,13 @@
 An experiment is one small YAML file (see ``configs/``)::
 
     preset: tiny            # optional: official-8b | official-4b | tiny (applied first)
-    model: {target: siglip, objective: mse}
+    model: {target: siglip, objective: {name: flow, time_shift: 3.0}}   # or just `objective: flow`
     data:  {train_shards: toy_data/train}
     train: {max_steps: 200, learning_rate: 3.0e-4}
 
-and ``key=value`` overrides on the command line (``train.max_steps=10 model.objective=mse``). The
-paper's settings are the dataclass defaults. Unknown keys and wrong types raise
+and ``key=value`` overrides on the command line (``train.max_steps=10 model.objective=mse``,
+``model.objective.time_shift=3.0``). The paper's settings are the dataclass defaults; a component's settings
+(the objective's) are the fields of its registered class. Unknown keys and wrong types raise
 :class:`ConfigError` with one line naming the field, e.g.
 ``ConfigError: train.learning_rate: expected float, got 'fast'``.
 """
@@ -20,24 +21,13 @@ import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import yaml
 
 
 class ConfigError(ValueError):
     """A configuration problem; the message is one line that names the field."""
-
-
-# ----------------------------------------------------------------------------------------------
-# Registries of variant names (the objects live in their modules; names are validated here so a
-# typo fails at config time, not an hour into a run).
-BACKBONES = ("qwen2_5_vl", "llama3", "qwen3")
-TARGETS = ("eva_clip", "siglip", "vae", "toy_clip")
-OBJECTIVES = ("flow", "mse")
-DECODERS = ("sdxl", "sana", "none")
-RECIPES = ("sequential", "joint")
-GENERATORS = ("blip3o", "transfusion", "lmfusion")  # blip3o: queries + DiT; the others: blip3o/models/fusion.py
 
 
 @dataclass
@@ -57,15 +47,12 @@ class ModelConfig:
     # Overrides of the target preset's architecture (e.g. {pool: 4} for a 4x4 token grid); a tiny preset
     # with overrides is materialised once per distinct set, so every stage that names them gets the same encoder.
     target_kwargs: Dict[str, Any] = field(default_factory=dict)
-    # Generator.
-    objective: str = "flow"
+    # Generator. The objective and its settings (the fields of its class in blip3o/objectives.py), e.g.
+    # {name: flow, time_sampling: logit_normal, time_shift: 3.0}; a bare name means its defaults.
+    objective: Dict[str, Any] = field(default_factory=lambda: {"name": "flow"})
     dit_preset: str = "official"
     dit: Dict[str, Any] = field(default_factory=dict)  # overrides of blip3o.models.dit.DiTConfig
     cfg_dropout: float = 0.1  # conditioning zeroed for this fraction of samples (CFG)
-    time_sampling: str = "uniform"  # uniform (reference) | logit_normal
-    logit_mean: float = 0.0
-    logit_std: float = 1.0
-    time_shift: float = 1.0  # SD3-style shift of sigma; 1.0 = none (reference)
     target_norm: str = "none"  # none (reference) | channel: per-channel z-score with stats in the checkpoint
     text_loss_weight: float = 0.0  # > 0 only for the joint recipe (and transfusion's LM loss on captions)
     # Fusion generators (generator=transfusion|lmfusion): the backbone itself denoises VAE latents
@@ -85,9 +72,6 @@ class ModelConfig:
     # Sampling defaults (reference §6).
     num_inference_steps: int = 30
     guidance_scale: float = 3.0
-    # DiT timesteps at sampling: integer = 1000 sigma truncated, as the original (the values its uniform-grid
-    # training saw); float = exact; auto = integer when time_sampling=uniform and time_shift=1, else float.
-    sample_timesteps: str = "auto"
     gradient_checkpointing: bool = True
     max_length: int = 512  # training prompts (with the queries) are cut to this many tokens, as the original
     inference_max_length: int = 0  # 0 = prompts are never cut at inference (the original); > 0 cuts like max_length
@@ -183,14 +167,14 @@ PRESETS: Dict[str, Dict[str, Dict[str, Any]]] = {
     },
 }
 
+# Fixed choices of plain settings. Variant names (backbone, target, objective, decoder, recipe, generator,
+# train.task) are checked against their registries in `validate`.
 CHOICES = {
-    ("model", "backbone"): BACKBONES, ("model", "target"): TARGETS, ("model", "objective"): OBJECTIVES,
-    ("model", "decoder"): DECODERS, ("model", "decoder_preset"): ("tiny", "official"), ("model", "recipe"): RECIPES,
-    ("model", "generator"): GENERATORS,
-    ("model", "time_sampling"): ("uniform", "logit_normal"), ("model", "sample_timesteps"): ("auto", "integer", "float"), ("model", "target_norm"): ("none", "channel"),
+    ("model", "decoder_preset"): ("tiny", "official"),
+    ("model", "target_norm"): ("none", "channel"),
     ("model", "target_preset"): ("official", "tiny"), ("model", "dit_preset"): ("official", "tiny", "small"),
     ("data", "use_cache"): ("auto", "true", "false"), ("data", "json_loader"): ("auto", "json", "datasets"),
-    ("train", "mixed_precision"): ("bf16", "fp16", "no"), ("train", "task"): ("t2i", "decoder", "clip"), ("train", "report_to"): ("none", "wandb"),
+    ("train", "mixed_precision"): ("bf16", "fp16", "no"), ("train", "report_to"): ("none", "wandb"),
     ("train", "lr_scheduler_type"): ("cosine_with_min_lr", "cosine", "constant_with_warmup", "linear", "constant"),
 }
 
@@ -260,17 +244,39 @@ def _expand_env(value: Any) -> Any:
     return value
 
 
+# Fields that name a registered component together with its settings: `{name: flow, time_shift: 3.0}` or the
+# bare name. A mapping without `name`, or with the current one, updates the current settings; another name
+# starts from that component's defaults. `validate` checks the settings against the component's class.
+COMPONENTS = {("model", "objective")}
+
+
+def _component(current: Dict[str, Any], value: Any, where: str) -> Dict[str, Any]:
+    if isinstance(value, str):
+        value = {"name": value}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: expected a name or a mapping {{name: ..., <setting>: ...}}, got {value!r}")
+    if value.get("name", current["name"]) == current["name"]:
+        return {**current, **value}
+    return dict(value)
+
+
 def _set(section_obj, section: str, key: str, value: Any) -> None:
     cls = type(section_obj)
     hints = typing.get_type_hints(cls)
     if key not in hints:
         close = difflib.get_close_matches(key, list(hints), n=1)
         hint = f" (did you mean '{section}.{close[0]}'?)" if close else ""
+        for s, k in COMPONENTS:  # the flat keys that older configs used (model.time_shift=3.0) say where they went
+            if s == section and key in {f.name for f in dataclasses.fields(_registries()[(s, k)].get(
+                    getattr(section_obj, k)["name"]))}:
+                hint = f" (a setting of the {k} now: '{s}.{k}.{key}')"
         raise ConfigError(f"unknown field '{section}.{key}'{hint}")
     where = f"{section}.{key}"
     if (section, key) == ("data", "use_cache") and isinstance(value, bool):
         value = "true" if value else "false"
     value = _expand_env(value)  # ${IMG_FOLDER} etc., as the original launch scripts use
+    if (section, key) in COMPONENTS:
+        value = _component(getattr(section_obj, key), value, where)
     value = _coerce(value, hints[key], where)
     choices = CHOICES.get((section, key))
     if choices is not None and value not in choices:
@@ -357,7 +363,63 @@ def load_config(path: Optional[Union[str, Path]] = None, overrides: Sequence[str
     return cfg
 
 
+def _registries() -> Dict[Tuple[str, str], Any]:
+    """(section, field) -> the registry that holds that field's variants, so the registries are the only list
+    of names. Imported here, not at the top: they pull in torch and the model code, and `import blip3o.config`
+    stays cheap for tools that only read a YAML."""
+    from blip3o.decoders import DECODERS
+    from blip3o.models import fusion  # noqa: F401  (registers the transfusion and lmfusion generators)
+    from blip3o.models.backbone import BACKBONES
+    from blip3o.models.blip3o import GENERATORS, RECIPES
+    from blip3o.models.targets import TARGETS
+    from blip3o.objectives import OBJECTIVES
+    from blip3o.train.tasks import TASKS
+
+    return {("model", "backbone"): BACKBONES, ("model", "target"): TARGETS, ("model", "objective"): OBJECTIVES,
+            ("model", "decoder"): DECODERS, ("model", "recipe"): RECIPES, ("model", "generator"): GENERATORS,
+            ("train", "task"): TASKS}
+
+
+def _check_names(cfg: ExperimentConfig) -> None:
+    for (section, key), registry in _registries().items():
+        value = getattr(getattr(cfg, section), key)
+        if (section, key) in COMPONENTS:
+            value = value["name"]
+        choices = sorted(registry) + (["none"] if (section, key) == ("model", "decoder") else [])  # none: no pixels
+        if value not in choices:
+            raise ConfigError(f"{section}.{key}: '{value}' is not one of {choices}")
+
+
+def _check_settings(cfg: ExperimentConfig) -> None:
+    """Each component's settings against the fields of its registered class, which then checks their values
+    (its ValueError messages start with the setting's name); stores the full settings, defaults included."""
+    registries = _registries()
+    for section, key in sorted(COMPONENTS):
+        spec, where = getattr(getattr(cfg, section), key), f"{section}.{key}"
+        registry = registries[(section, key)]
+        name, cls = spec["name"], registry.get(spec["name"])
+        hints = typing.get_type_hints(cls)
+        known = [f.name for f in dataclasses.fields(cls)]
+        settings = {}
+        for k, v in spec.items():
+            if k == "name":
+                continue
+            if k not in known:
+                close = difflib.get_close_matches(str(k), known, n=1)
+                hint = f" (did you mean '{where}.{close[0]}'?)" if close else ""
+                raise ConfigError(f"{where}.{k}: not a setting of {registry.kind} '{name}'{hint}; "
+                                  f"its settings: {sorted(known) or 'none'}")
+            settings[k] = _coerce(v, hints[k], f"{where}.{k}")
+        try:
+            obj = cls(**settings)
+        except ValueError as e:
+            raise ConfigError(f"{where}.{e}") from None
+        setattr(getattr(cfg, section), key, {"name": name, **dataclasses.asdict(obj)})
+
+
 def validate(cfg: ExperimentConfig) -> None:
+    _check_names(cfg)
+    _check_settings(cfg)
     m, t = cfg.model, cfg.train
     if m.num_queries < 1:
         raise ConfigError(f"model.num_queries: must be >= 1, got {m.num_queries}")
@@ -401,11 +463,6 @@ def _refuse_ignored(cfg: ExperimentConfig) -> None:
                               "(its backbone denoises the image); leave them at their defaults")
     if m.lora_rank == 0 and m.lora_alpha != default.lora_alpha:
         raise ConfigError("model.lora_alpha: only used with model.lora_rank > 0")
-    if m.time_sampling != "logit_normal" and (m.logit_mean, m.logit_std) != (default.logit_mean, default.logit_std):
-        raise ConfigError("model.logit_mean/logit_std: only used with model.time_sampling=logit_normal")
-    if m.objective == "mse" and (m.time_sampling != default.time_sampling or m.time_shift != default.time_shift
-                                 or m.sample_timesteps != default.sample_timesteps):
-        raise ConfigError("model.time_sampling/time_shift/sample_timesteps: the mse objective has no noise levels")
     if t.lr_scheduler_type != "cosine_with_min_lr" and t.min_lr != TrainConfig().min_lr:
         raise ConfigError(f"train.min_lr: only used by lr_scheduler_type=cosine_with_min_lr, not '{t.lr_scheduler_type}'")
     if d.use_cache == "false" and d.cache_dir:
@@ -423,7 +480,7 @@ def _validate_fusion(m: ModelConfig) -> None:
     g = m.generator
     if m.target != "vae":
         raise ConfigError(f"model.target: the {g} generator denoises VAE latents; set model.target=vae, got '{m.target}'")
-    if m.objective != "flow":
+    if m.objective["name"] != "flow":
         raise ConfigError(f"model.objective: the {g} generator is trained by flow matching; set model.objective=flow")
     if m.fusion_patch_size < 1:
         raise ConfigError(f"model.fusion_patch_size: must be >= 1, got {m.fusion_patch_size}")

@@ -18,17 +18,21 @@ compares objectives with identical architectures and parameter counts.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from dataclasses import dataclass, fields
+from typing import Any, Callable, ClassVar, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from blip3o.registry import Registry
+from blip3o.sampling import Predictors, euler_sample, zeroed_condition
 
 Net = Callable[..., torch.Tensor]
 Generators = Optional[Union[torch.Generator, Sequence[torch.Generator]]]
+# name -> class. The dataclass fields are the objective's settings (model.objective: {name: flow, time_shift: 3.0});
+# a ValueError from __post_init__ starts with the setting's name, which the config error prefixes with
+# "model.objective.".
 OBJECTIVES: "Registry[type]" = Registry("objective")
 
 NUM_TRAIN_TIMESTEPS = 1000
@@ -54,19 +58,27 @@ def shift_sigma(sigma: torch.Tensor, shift: float) -> torch.Tensor:
 @OBJECTIVES.register("flow")
 @dataclass
 class FlowMatching:
-    time_sampling: str = "uniform"  # uniform | logit_normal
-    logit_mean: float = 0.0
+    time_sampling: str = "uniform"  # uniform (reference) | logit_normal
+    logit_mean: float = 0.0  # logit_normal only
     logit_std: float = 1.0
-    shift: float = 1.0
-    sample_timesteps: str = "auto"  # auto | integer (reference) | float
-    deterministic: bool = False
+    time_shift: float = 1.0  # SD3-style shift of sigma; 1.0 = none (reference)
+    # DiT timesteps at sampling: integer = 1000 sigma truncated, as the original (the values its uniform-grid
+    # training saw); float = exact; auto = integer when time_sampling=uniform and time_shift=1, else float.
+    sample_timesteps: str = "auto"
+    deterministic: ClassVar[bool] = False
+
+    def __post_init__(self):
+        for name, choices in (("time_sampling", ("uniform", "logit_normal")),
+                              ("sample_timesteps", ("auto", "integer", "float"))):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name}: '{getattr(self, name)}' is not one of {list(choices)}")
+        if self.time_sampling != "logit_normal" and (self.logit_mean, self.logit_std) != (0.0, 1.0):
+            raise ValueError("logit_mean/logit_std: only used with time_sampling=logit_normal")
 
     @property
     def integer_timesteps(self) -> bool:
-        if self.sample_timesteps not in ("auto", "integer", "float"):
-            raise ValueError(f"unknown sample_timesteps '{self.sample_timesteps}' (auto | integer | float)")
         if self.sample_timesteps == "auto":  # trained on the integer grid -> sample on integers
-            return self.time_sampling == "uniform" and self.shift == 1.0
+            return self.time_sampling == "uniform" and self.time_shift == 1.0
         return self.sample_timesteps == "integer"
 
     def sample_sigma(self, batch: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
@@ -75,13 +87,13 @@ class FlowMatching:
             return self.sigma_from_uniform(torch.rand(batch, generator=generator))
         if self.time_sampling == "logit_normal":
             sigma = torch.sigmoid(self.logit_mean + self.logit_std * torch.randn(batch, generator=generator))
-            return shift_sigma(sigma, self.shift)
+            return shift_sigma(sigma, self.time_shift)
         raise ValueError(f"unknown time_sampling '{self.time_sampling}'")
 
     def sigma_from_uniform(self, u: torch.Tensor) -> torch.Tensor:
         """u ~ U[0, 1) -> index floor(1000 u) into the 1000-step grid -> timesteps 1000..1 -> sigma 1..0.001."""
         idx = (u * NUM_TRAIN_TIMESTEPS).long()
-        return shift_sigma((NUM_TRAIN_TIMESTEPS - idx).float() / NUM_TRAIN_TIMESTEPS, self.shift)
+        return shift_sigma((NUM_TRAIN_TIMESTEPS - idx).float() / NUM_TRAIN_TIMESTEPS, self.time_shift)
 
     def loss(self, net: Net, x0: torch.Tensor, cond: torch.Tensor, cond_mask: Optional[torch.Tensor] = None,
              generator: Optional[torch.Generator] = None) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
@@ -105,23 +117,29 @@ class FlowMatching:
         # does there (torch.linspace in float32 is one ulp off on most of the 30 values, which moves
         # truncated timesteps, e.g. 499 instead of 500).
         s = torch.from_numpy(np.linspace(1.0, 1.0 / steps, steps)).float()
-        return torch.cat([shift_sigma(s, self.shift), torch.zeros(1)])
+        return torch.cat([shift_sigma(s, self.time_shift), torch.zeros(1)])
 
     @torch.no_grad()
     def sample(self, net: Net, cond: torch.Tensor, cond_mask: Optional[torch.Tensor], shape: Tuple[int, ...],
                num_steps: int = 30, guidance_scale: float = 3.0, generator: Generators = None,
                progress: Optional[Callable] = None) -> torch.Tensor:
-        from blip3o.sampling import euler_sample
+        """For a net whose unconditional prediction is the zeroed condition's (the DiT)."""
+        return self.sample_from(zeroed_condition(net, cond, cond_mask), shape, cond.device, num_steps,
+                                guidance_scale, generator, progress)
 
-        x = randn_like_per_sample(shape, generator, cond.device, torch.float32)
-        return euler_sample(net, x, cond, cond_mask, self.sigmas(num_steps), guidance_scale, progress=progress,
+    @torch.no_grad()
+    def sample_from(self, predict: Predictors, shape: Tuple[int, ...], device, num_steps: int = 30,
+                    guidance_scale: float = 3.0, generator: Generators = None,
+                    progress: Optional[Callable] = None) -> torch.Tensor:
+        x = randn_like_per_sample(shape, generator, device, torch.float32)
+        return euler_sample(predict, x, self.sigmas(num_steps), guidance_scale, progress=progress,
                             integer_timesteps=self.integer_timesteps)
 
 
 @OBJECTIVES.register("mse")
 @dataclass
 class MSERegression:
-    deterministic: bool = True
+    deterministic: ClassVar[bool] = True
 
     def predict(self, net: Net, cond: torch.Tensor, cond_mask: Optional[torch.Tensor], shape) -> torch.Tensor:
         canvas = torch.zeros(shape, device=cond.device, dtype=cond.dtype)
@@ -137,18 +155,33 @@ class MSERegression:
     @torch.no_grad()
     def sample(self, net: Net, cond: torch.Tensor, cond_mask: Optional[torch.Tensor], shape, num_steps: int = 1,
                guidance_scale: float = 1.0, generator: Generators = None, progress=None) -> torch.Tensor:
+        return self.sample_from(zeroed_condition(net, cond, cond_mask), shape, cond.device,
+                                guidance_scale=guidance_scale)
+
+    @torch.no_grad()
+    def sample_from(self, predict: Predictors, shape, device, num_steps: int = 1, guidance_scale: float = 1.0,
+                    generator: Generators = None, progress=None) -> torch.Tensor:
         # Deterministic: seeds and steps do not matter. Guidance extrapolates the two regressions
-        # (cond vs zeroed cond), mirroring CFG, and is skipped at 1.0.
-        if guidance_scale == 1.0:
-            return self.predict(net, cond, cond_mask, shape).float()
-        both = torch.cat([torch.zeros_like(cond), cond])
-        mask = None if cond_mask is None else torch.cat([cond_mask, cond_mask])
-        out = self.predict(net, both, mask, (2 * shape[0],) + tuple(shape[1:])).float()
-        u, c = out.chunk(2)
-        return u + guidance_scale * (c - u)
+        # (cond vs uncond), mirroring CFG, and is skipped at 1.0.
+        canvas = torch.zeros(shape, device=device)
+        return predict(canvas, torch.zeros(shape[0], device=device), guidance_scale)
 
 
-def build_objective(name: str, **kwargs):
+def build_objective(name: str, **settings):
     cls = OBJECTIVES.get(name)
-    fields = getattr(cls, "__dataclass_fields__", {})
-    return cls(**{k: v for k, v in kwargs.items() if k in fields})
+    known = [f.name for f in fields(cls)]
+    unknown = sorted(set(settings) - set(known))
+    if unknown:
+        raise ValueError(f"objective '{name}': unknown setting(s) {unknown}; its settings: {sorted(known) or 'none'}")
+    return cls(**settings)
+
+
+def saved_settings(name: str, settings: Dict[str, Any]) -> Dict[str, Any]:
+    """The objective settings of a saved model config in today's form. Configs written before the settings
+    nested under model.objective hold the five flow settings under every objective, with `shift` for
+    `time_shift`; objectives without them ignored them then, so they are dropped here."""
+    if "shift" not in settings:
+        return dict(settings)
+    old = {("time_shift" if k == "shift" else k): v for k, v in settings.items()}
+    known = {f.name for f in fields(OBJECTIVES.get(name))}
+    return {k: v for k, v in old.items() if k in known}

@@ -28,5 +28,8 @@ class Registry(Generic[T]):
     def names(self):
         return sorted(self._entries)
 
+    def __iter__(self):  # `sorted(registry)` and `list(registry)` give the names, as for a dict
+        return iter(self.names())
+
     def __contains__(self, name: str) -> bool:
         return name in self._entries

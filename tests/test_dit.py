@@ -299,3 +299,24 @@ def test_tiny_overfits_fixed_batch():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0] / 5, (losses[0], losses[-1])
+
+
+def test_guidance_interface_batched_equals_separate():
+    """The sampler's guidance interface on the DiT: the one-forward `both` gives the separate conditional and
+    unconditional (zeroed condition) predictions, and a sampler fed either way lands on the same sample."""
+    from blip3o.sampling import Predictors, euler_sample, guided, zeroed_condition
+
+    model = _tiny().eval()
+    x, t, ctx = _inputs(model.cfg)
+    p = zeroed_condition(model, ctx, None)
+    with torch.no_grad():
+        c, u = p.both(x, t)
+        torch.testing.assert_close(c, p.cond(x, t))
+        torch.testing.assert_close(u, p.uncond(x, t))
+        assert not torch.allclose(c, u, atol=1e-4)
+        torch.testing.assert_close(p(x, t, 3.0), guided(c, u, 3.0))
+        sigmas = torch.tensor([1.0, 0.5, 0.0])
+        torch.testing.assert_close(euler_sample(p, x, sigmas, 3.0),
+                                   euler_sample(Predictors(cond=p.cond, uncond=p.uncond), x, sigmas, 3.0))
+    with pytest.raises(ValueError, match="guidance needs Predictors.both"):
+        Predictors(cond=p.cond)(x, t, 3.0)

@@ -75,10 +75,10 @@ def test_cfg_sampler_from_given_noise(golden, dit):
             seen.append(ts.clone())
             return dit(x, ts, c, m)
 
-        from blip3o.sampling import euler_sample
+        from blip3o.sampling import euler_sample, zeroed_condition
 
         cond = t[p + "cond"].repeat_interleave(case["num_images_per_prompt"], 0)  # as generate_features
-        x = euler_sample(net, t[p + "noise"], cond, None, sigmas, case["guidance_scale"],
+        x = euler_sample(zeroed_condition(net, cond, None), t[p + "noise"], sigmas, case["guidance_scale"],
                          integer_timesteps=flow.integer_timesteps)
         assert torch.equal(torch.stack(seen).long(), t[p + "dit_timesteps"])
         close(x, t[p + "latents"], f"sample {case['name']}")

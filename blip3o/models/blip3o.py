@@ -33,8 +33,10 @@ from blip3o.models.backbone import get_backbone
 from blip3o.models.dit import DiTConfig, NextDiT
 from blip3o.models.targets import load_target_encoder
 from blip3o.models.understanding import answer
-from blip3o.objectives import build_objective
+from blip3o.objectives import build_objective, saved_settings
 from blip3o.prompts import tokenize_for_generation
+from blip3o.registry import Registry
+from blip3o.sampling import zeroed_condition
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +51,19 @@ def add_lora_adapters(layers: nn.Module, rank: int, alpha: float) -> None:
 
     inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=list(LORA_TARGETS)),
                             layers)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    trains_backbone: bool  # besides the queries and the DiT; then with its language-modelling loss
+
+
+# model.recipe: what trains. sequential is the paper's (frozen backbone).
+RECIPES: "Registry[Recipe]" = Registry("recipe")
+RECIPES.register("sequential")(Recipe(trains_backbone=False))
+RECIPES.register("joint")(Recipe(trains_backbone=True))
+# model.generator -> model class; blip3o/models/fusion.py registers transfusion and lmfusion.
+GENERATORS: "Registry[type]" = Registry("generator")
 
 
 class Blip3oConfig(PretrainedConfig):
@@ -98,7 +113,7 @@ class Blip3oConfig(PretrainedConfig):
         self.target_path = target_path
         self.target_norm = target_norm
         self.objective = objective
-        self.objective_kwargs = objective_kwargs or {}
+        self.objective_kwargs = saved_settings(objective, objective_kwargs or {})  # older dirs: flat flow settings
         self.cfg_dropout = cfg_dropout
         self.text_loss_weight = text_loss_weight
         self.decoder = decoder
@@ -116,7 +131,7 @@ class Blip3oConfig(PretrainedConfig):
 
     @property
     def freeze_backbone(self) -> bool:
-        return self.recipe != "joint"
+        return not RECIPES.get(self.recipe).trains_backbone
 
 
 @dataclass
@@ -193,6 +208,7 @@ class GeneratorModelMixin:
             self.image_processor = AutoImageProcessor.from_pretrained(path)
 
 
+@GENERATORS.register("blip3o")
 class Blip3oForConditionalGeneration(GeneratorModelMixin, PreTrainedModel):
     config_class = Blip3oConfig
     base_model_prefix = "blip3o"
@@ -373,8 +389,8 @@ class Blip3oForConditionalGeneration(GeneratorModelMixin, PreTrainedModel):
             cond = cond.repeat_interleave(num_images_per_prompt, 0)
         dit_dtype = next(self.dit.parameters()).dtype
         shape = (cond.shape[0], self.config.target_channels, *self.config.target_grid)
-        x = self.objective.sample(
-            self._dit, cond.to(dit_dtype), None, shape,
+        x = self.objective.sample_from(
+            zeroed_condition(self._dit, cond.to(dit_dtype), None), shape, cond.device,
             num_steps=num_inference_steps or self.config.num_inference_steps,
             guidance_scale=self.config.guidance_scale if guidance_scale is None else guidance_scale,
             generator=generator, progress=progress)

@@ -49,11 +49,12 @@ from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedMode
 from transformers.utils import ModelOutput
 
 from blip3o.models.backbone import get_backbone
-from blip3o.models.blip3o import GeneratorModelMixin, add_lora_adapters
+from blip3o.models.blip3o import GENERATORS, GeneratorModelMixin, add_lora_adapters
 from blip3o.models.fusion_layers import TimestepEmbedder, _rope, _route, fusion_attention_mask, patchify, unpatchify
 from blip3o.models.understanding import build_understanding_inputs
-from blip3o.objectives import build_objective
+from blip3o.objectives import build_objective, saved_settings
 from blip3o.prompts import left_pad, tokenize_for_generation
+from blip3o.sampling import Predictors
 
 FUSION_GENERATORS = ("transfusion", "lmfusion")
 
@@ -107,7 +108,7 @@ class FusionConfig(PretrainedConfig):
         self.target_norm = target_norm
         self.patch_size = patch_size
         self.objective = objective
-        self.objective_kwargs = objective_kwargs or {}
+        self.objective_kwargs = saved_settings(objective, objective_kwargs or {})
         self.cfg_dropout = cfg_dropout
         self.image_loss_weight = image_loss_weight
         self.text_loss_weight = text_loss_weight
@@ -457,19 +458,27 @@ class Blip3oFusionForConditionalGeneration(GeneratorModelMixin, PreTrainedModel)
         b = input_ids.shape[0]
         g = self.config.guidance_scale if guidance_scale is None else guidance_scale
         rows = [r[m.bool()].tolist() for r, m in zip(input_ids, attention_mask)]
-        if g != 1.0:  # the sampler's order: [uncond x B, cond x B]
-            rows = [list(self.config.uncond_input_ids)] * b + rows
-        enc = left_pad(rows, self.config.prompt_pad_id)
         dev = self.patch_in.weight.device
-        cache = self.prefix_cache(enc["input_ids"].to(dev), enc["attention_mask"].to(dev))
 
-        def net(x_in, t, cond, cond_mask):
-            return self.image_velocity(x_in, t, cache)
+        def cache_of(rows):
+            enc = left_pad(rows, self.config.prompt_pad_id)
+            return self.prefix_cache(enc["input_ids"].to(dev), enc["attention_mask"].to(dev))
 
+        if g == 1.0:
+            cache = cache_of(rows)
+            predict = Predictors(cond=lambda x, t: self.image_velocity(x, t, cache))
+        else:  # one cache of [empty captions; prompts], so a guided step is one forward of the doubled batch
+            both_cache = cache_of([list(self.config.uncond_input_ids)] * b + rows)
+
+            def both(x, t):
+                v_u, v_c = self.image_velocity(torch.cat([x, x]), torch.cat([t, t]), both_cache).chunk(2)
+                return v_c, v_u
+
+            predict = Predictors(both=both)
         c, (h, w) = self.config.target_channels, self.config.target_grid
-        x = self.objective.sample(net, torch.ones(b, 1, device=dev), None, (b, c, h, w),
-                                  num_steps=num_inference_steps or self.config.num_inference_steps,
-                                  guidance_scale=g, generator=generator, progress=progress)
+        x = self.objective.sample_from(predict, (b, c, h, w), dev,
+                                       num_steps=num_inference_steps or self.config.num_inference_steps,
+                                       guidance_scale=g, generator=generator, progress=progress)
         return self.denormalize_target(x.float())
 
     @torch.no_grad()
@@ -493,5 +502,7 @@ class Blip3oFusionForConditionalGeneration(GeneratorModelMixin, PreTrainedModel)
         return model
 
 
+for _name in FUSION_GENERATORS:
+    GENERATORS.register(_name)(Blip3oFusionForConditionalGeneration)
 AutoConfig.register(FusionConfig.model_type, FusionConfig)
 AutoModel.register(FusionConfig, Blip3oFusionForConditionalGeneration)

@@ -27,8 +27,8 @@ RENAMED = {
 
 def objective_kwargs_for(cfg: ModelConfig) -> Dict[str, Any]:
     """The objective's settings, as ``build_objective(cfg.objective, **kwargs)`` takes them."""
-    return dict(time_sampling=cfg.time_sampling, logit_mean=cfg.logit_mean, logit_std=cfg.logit_std,
-                shift=cfg.time_shift, sample_timesteps=cfg.sample_timesteps)
+    obj = cfg.objective if isinstance(cfg.objective, dict) else {"name": cfg.objective}
+    return {k: v for k, v in obj.items() if k != "name"}
 
 
 def hf_config_for(config_cls, cfg: ModelConfig, **facts: Any):
@@ -44,6 +44,8 @@ def hf_config_for(config_cls, cfg: ModelConfig, **facts: Any):
         name = RENAMED.get(f.name, f.name)
         if name in params:
             kwargs[name] = copy.deepcopy(getattr(cfg, f.name))
+    if "objective" in params:  # the YAML's nested {name: ..., settings} -> the name and its settings
+        kwargs["objective"] = cfg.objective["name"] if isinstance(cfg.objective, dict) else cfg.objective
     kwargs["objective_kwargs"] = objective_kwargs_for(cfg)
     kwargs.update(facts)
     return config_cls(**kwargs)
