@@ -15,7 +15,7 @@ positions and a batch gives the same conditioning as one prompt at a time)::
                                          ^ query embeddings are spliced in by the model
 
 The user message (instruction + caption) is tokenised as one string, as the original does, so the ids
-equal the original's (tests/test_golden_original.py). The tokenizer-level work (template, truncation by
+equal the original's (tests/unit/test_golden_original.py). The tokenizer-level work (template, truncation by
 tokens, padding) is here; the model only appends the learnable query embeddings after ``[IMG]``.
 """
 from __future__ import annotations
