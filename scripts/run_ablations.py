@@ -55,10 +55,8 @@ import numpy as np
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
-sys.path.insert(0, str(ROOT))
 
-from toy_world import train  # noqa: E402  (one training subprocess with its log; exits with the log's tail)
+from scripts.toy_world import train  # one training subprocess with its log; exits with the log's tail
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -210,7 +208,7 @@ def prereq_decoder(target: str, out: Path, shards: str, overrides: List[str], cl
 def prereq_vae(out: Path, data: Path, vae_args: List[str]) -> dict:
     import subprocess
 
-    import train_toy_vae
+    from scripts import train_toy_vae
 
     ns = train_toy_vae.build_parser().parse_args(["--data", str(data), *vae_args])  # the script's own defaults
     d = out / "prereq" / f"vae-{train_toy_vae.signature(ns)}"
