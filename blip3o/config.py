@@ -82,7 +82,7 @@ class ModelConfig:
     decoder_kwargs: Dict[str, Any] = field(default_factory=dict)  # build overrides (image_size, vae, prediction, ...)
     decoder_null_prob: float = 0.1  # null-image dropout for the decoder's CFG
     decoder_feature_noise: float = 0.0  # Gaussian noise on input features (robustness to generated features)
-    # Sampling defaults (reference §6).
+    # Sampling defaults (the original's: docs/decisions.md, "Flow matching").
     num_inference_steps: int = 30
     guidance_scale: float = 3.0
     # DiT timesteps at sampling: integer = 1000 sigma truncated, as the original (the values its uniform-grid

@@ -1,5 +1,5 @@
 """The repo's real slurm.sh on a real single-node Slurm cluster on localhost (munged + slurmctld + slurmd from
-Debian packages, everything in a temp dir; recipe: /work/shared/SLURM_LOCALHOST.md, scripts in tests/system/slurm/).
+Debian packages, everything in a temp dir; recipe: docs/decisions.md, "Environment"; scripts in tests/system/slurm/).
 
 ``sbatch --wait --ntasks=2 --ntasks-per-node=2 --cpus-per-task=1`` with ``NPROC_PER_NODE=1``: srun starts two
 torchrun agents that rendezvous over c10d like two nodes would, each with one trainer process (gloo).
