@@ -14,7 +14,7 @@ from tests.unit.test_data_common import (  # noqa: F401  (fixtures)
     write_tar,
 )
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.fixture()
