@@ -20,8 +20,6 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 TWO_PICTURES = "A barn: <image>a red barn</image> and the sky above it: <image>a blue sky</image> That is all."
 

@@ -42,8 +42,6 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 # preset -> (DiT preset, DiT overrides, backbone width Hc for the conditioning, backbone for --with-backbone)
 PRESETS = {

@@ -36,7 +36,6 @@ ENGINES = {
 
 def worker(argv) -> int:
     """torchrun entry: train, then write this rank's peak memory next to the run's metrics."""
-    sys.path.insert(0, str(ROOT))
     from blip3o.train.__main__ import main
 
     rc = main(argv)
@@ -94,7 +93,6 @@ def main() -> int:
     p.add_argument("--engines", default=",".join(ENGINES), help="comma-separated subset of " + ", ".join(ENGINES))
     p.add_argument("--markdown", help="also write the table to this file")
     args = p.parse_args()
-    sys.path.insert(0, str(ROOT))
     from blip3o.data.toy import write_toy_dataset
 
     work = Path(tempfile.mkdtemp(prefix="blip3o_engines_"))

@@ -40,7 +40,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 # name -> (YAML or None, overrides). tiny/small: the `tiny` experiment preset (tiny frozen Qwen2.5-VL, tiny
 # EVA-CLIP target, 64 queries, fp32) with the tiny (dim 64, 2 layers) or small (dim 256, 4 layers) DiT preset;

@@ -69,7 +69,7 @@ class ModelConfig:
     decoder_kwargs: Dict[str, Any] = field(default_factory=dict)  # build overrides (image_size, vae, prediction, ...)
     decoder_null_prob: float = 0.1  # null-image dropout for the decoder's CFG
     decoder_feature_noise: float = 0.0  # Gaussian noise on input features (robustness to generated features)
-    # Sampling defaults (reference §6).
+    # Sampling defaults (the original's: docs/decisions.md, "Flow matching").
     num_inference_steps: int = 30
     guidance_scale: float = 3.0
     gradient_checkpointing: bool = True

@@ -15,7 +15,7 @@ positions and a batch gives the same conditioning as one prompt at a time)::
                                          ^ query embeddings are spliced in by the model
 
 The user message (instruction + caption) is tokenised as one string, as the original does, so the ids
-equal the original's (tests/test_golden_original.py). The tokenizer-level work (template, truncation by
+equal the original's (tests/unit/test_golden_original.py). The tokenizer-level work (template, truncation by
 tokens, padding) is here; the model only appends the learnable query embeddings after ``[IMG]``.
 """
 from __future__ import annotations
@@ -103,7 +103,7 @@ def generation_prompt_ids(tokenizer, caption: str, template: ChatTemplate = CHAT
     """One generation prompt, ``... user\n{instruction}{caption}<|im_end|>\n<|im_start|>assistant\n[IMG]``.
 
     The whole user message is tokenised at once, as the original does in training and at inference
-    (reference §1.2, §6), so the caption's first word keeps its leading-space token. ``max_length``
+    (docs/decisions.md, "Prompts"), so the caption's first word keeps its leading-space token. ``max_length``
     counts the whole sequence including the ``num_queries`` query slots the model appends; a longer
     prompt loses the end of its caption (by tokens, never the template). ``None`` keeps every token, as
     the original's inference does.

@@ -15,9 +15,7 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from blip3o.data.toy import write_toy_dataset  # noqa: E402
+from blip3o.data.toy import write_toy_dataset
 
 
 def main(argv=None) -> int:

@@ -1,5 +1,6 @@
 """The paper's ablation grid on the toy world, at equal generator budgets: CLIP + flow, CLIP + MSE, SigLIP + flow,
 VAE + flow (and the fusion baselines when their configs exist), each scored and measured for sample diversity.
+The grid is configs/ablations/toy/*.yaml, one small file per variant (its generator config and overrides).
 
     # the full grid, 10 minutes of generator training per variant (what the claims are tested with)
     OMP_NUM_THREADS=1 python scripts/run_ablations.py --data toy_data --budget-min 10
@@ -51,12 +52,11 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
-sys.path.insert(0, str(ROOT))
 
-from toy_world import train  # noqa: E402  (one training subprocess with its log; exits with the log's tail)
+from scripts.toy_world import train  # one training subprocess with its log; exits with the log's tail
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -79,22 +79,34 @@ class Variant:
     note: str = ""
 
 
-# The CLIP variants diffuse the toy CLIP's 8x8x32 grid (configs/toy_gen.yaml; the toy CLIP is a shared
-# prerequisite, trained once); SigLIP (a random tiny tower) is pooled to the same 8x8 grid; the toy VAE keeps
-# its own 8x8x16 latents (a VAE target is what it is: target_kwargs cleared).
-VARIANTS: Dict[str, Variant] = {
-    "clip_flow": Variant("configs/toy_gen.yaml", (), "toy_clip", "toy_clip", "flow", "the paper's choice"),
-    "clip_mse": Variant("configs/toy_gen.yaml", ("model.objective=mse",), "toy_clip", "toy_clip", "mse"),
-    "siglip_flow": Variant("configs/toy_gen.yaml", ("model.target=siglip", "model.target_kwargs={grid: [8, 8]}"),
-                           "siglip", "siglip", "flow"),
-    "vae_flow": Variant("configs/toy_gen.yaml", ("model.target=vae", "model.target_kwargs={}"), "vae", "vae", "flow"),
-    "transfusion": Variant("configs/toy_transfusion.yaml", (), "vae", "vae", "flow", "fusion baseline"),
-    "lmfusion": Variant("configs/toy_lmfusion.yaml", (), "vae", "vae", "flow", "fusion baseline"),
-}
+# One small YAML per variant in configs/ablations/toy/ (the file name is the variant's name; the paper-scale
+# configs are configs/ablations/*.yaml). The CLIP variants diffuse the toy CLIP's 8x8x32 grid
+# (configs/toy_gen.yaml; the toy CLIP is a shared prerequisite, trained once); SigLIP (a random tiny tower) is
+# pooled to the same 8x8 grid; the toy VAE keeps its own 8x8x16 latents (a VAE target is what it is:
+# target_kwargs cleared).
+VARIANT_DIR = ROOT / "configs" / "ablations" / "toy"
+
+
+def load_variants(folder: Path = VARIANT_DIR) -> Dict[str, Variant]:
+    """name -> Variant for every folder/*.yaml, in the grid's order (each file's ``order``, then its name)."""
+    found = []
+    for path in sorted(folder.glob("*.yaml")):
+        spec = yaml.safe_load(path.read_text()) or {}
+        order = spec.pop("order", float("inf"))
+        spec["overrides"] = tuple(spec.get("overrides") or ())
+        try:
+            found.append((order, path.stem, Variant(**spec)))
+        except TypeError as e:
+            raise ValueError(f"{path.relative_to(ROOT)}: {e}") from None
+    return {name: v for _, name, v in sorted(found, key=lambda t: t[:2])}
+
+
+VARIANTS: Dict[str, Variant] = load_variants()
+
 # how each CLIP target's decoder (and generators) select that target: the trained toy CLIP by its path
 # (filled in at run time), a random tiny SigLIP by its pooling
 DECODER_TARGET_KWARGS = {"siglip": "{grid: [8, 8]}"}
-DEFAULT_VARIANTS = "clip_flow,clip_mse,siglip_flow,vae_flow,transfusion,lmfusion"
+DEFAULT_VARIANTS = ",".join(VARIANTS)
 
 
 def parse_variants(spec: str) -> List[str]:
@@ -196,7 +208,7 @@ def prereq_decoder(target: str, out: Path, shards: str, overrides: List[str], cl
 def prereq_vae(out: Path, data: Path, vae_args: List[str]) -> dict:
     import subprocess
 
-    import train_toy_vae
+    from scripts import train_toy_vae
 
     ns = train_toy_vae.build_parser().parse_args(["--data", str(data), *vae_args])  # the script's own defaults
     d = out / "prereq" / f"vae-{train_toy_vae.signature(ns)}"

@@ -21,9 +21,6 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
 
 def checkpoints(run_dir: Path):
     """[(train_seconds, step, path)] of a training output dir's complete checkpoints, by time."""

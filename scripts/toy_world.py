@@ -101,7 +101,6 @@ def main(argv=None) -> int:
     timings = {}
     t0 = time.time()
 
-    sys.path.insert(0, str(ROOT))
     import blip3o  # noqa: F401
     from blip3o.data.toy import write_toy_dataset
 

@@ -43,7 +43,6 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
 
 DEFAULT_OVERRIDES = {"latent_channels": 16, "block_out_channels": [8, 16, 32, 64], "norm_num_groups": 8}
 
@@ -102,7 +101,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    sys.path.insert(0, str(ROOT))
     import torch
     import torch.nn.functional as F
 

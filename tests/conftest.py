@@ -17,6 +17,17 @@ import torch  # noqa: E402
 
 torch.set_num_threads(1)  # tiny ops: threads only add contention (and CI shares 2 cores)
 
+TIERS = ("unit", "integration", "system")
+
+
+def pytest_collection_modifyitems(config, items):
+    # The folder is the tier (tests/unit, tests/integration, tests/system), so a test cannot forget its mark
+    # and `pytest -m "not system"` is the quick loop.
+    for item in items:
+        parts = Path(str(item.fspath)).relative_to(ROOT / "tests").parts
+        if len(parts) > 1 and parts[0] in TIERS:
+            item.add_marker(parts[0])
+
 
 @pytest.fixture(scope="session")
 def tiny_qwen_dir():

@@ -1,4 +1,4 @@
-"""Writes a directory laid out like the official BLIP3o-Model-4B release (reference §10, §13), but with
+"""Writes a directory laid out like the official BLIP3o-Model-4B release (docs/decisions.md, "Release layout"), but with
 a tiny backbone and DiT: flat transformers-4.51 Qwen2.5-VL config.json with model_type "blip3o_qwen",
 legacy key names (model.layers.*, visual.*, model.latent_queries, model.dit.model.*), tied lm_head
 absent, tokenizer files with [IMG]/[/IMG]/<image>, plus an EVA tower tensor that loaders must ignore."""

@@ -1,4 +1,4 @@
-"""CLIP-feature -> pixel decoders (reference §3) as diffusers pipelines.
+"""CLIP-feature -> pixel decoders (docs/decisions.md, "Decoders") as diffusers pipelines.
 
     sdxl: EVA-CLIP tokens (B, 64, 1792) -> SDXL UNet + AutoencoderKL + Euler   (BLIP3o-4B/8B `diffusion-decoder/`)
     sana: SigLIP2 tokens (B, 64, 1152) -> connector + SANA + AutoencoderDC + DPM-Solver++  (BLIP3o/SigLIP2_SANA)

@@ -1,4 +1,4 @@
-"""SigLIP2 features -> pixels with SANA (reference §3.2).
+"""SigLIP2 features -> pixels with SANA (docs/decisions.md, "Decoders").
 
 features (B, 64, 1152) -> connector [Linear(1152 -> caption_channels), GELU(tanh), Linear, RMSNorm(eps 1e-5,
 weight initialised to sqrt(5.5))] -> SanaTransformer2DModel cross-attention context; AutoencoderDC latents;
@@ -91,7 +91,7 @@ class SanaFeatureConnector(ModelMixin, ConfigMixin):
     """Maps vision features into SANA's caption space: Linear, GELU(tanh), Linear, RMSNorm (weight sqrt(5.5)).
 
     The RMSNorm weight starts at sqrt(5.5) so the connector output has roughly the scale of the Gemma-2 text
-    embeddings the pretrained SANA transformer was trained on (reference §3.2).
+    embeddings the pretrained SANA transformer was trained on (docs/decisions.md, "Decoders").
     """
 
     config_name = "config.json"

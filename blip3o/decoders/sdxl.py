@@ -1,4 +1,4 @@
-"""EVA-CLIP features -> pixels with an SDXL-layout UNet, conditioned the Emu2 way (reference §3.1).
+"""EVA-CLIP features -> pixels with an SDXL-layout UNet, conditioned the Emu2 way (docs/decisions.md, "Decoders").
 
 Conditioning: the N=64 EVA-CLIP tokens (B, 64, 1792) are the UNet's `encoder_hidden_states`, their mean over
 tokens is SDXL's pooled `text_embeds`, and `time_ids` = [H, W, 0, 0, H, W] (original size, crop top-left,
@@ -8,7 +8,8 @@ C + 6 * addition_time_embed_dim (1792 + 6 * 256 = 3328 for the official decoder,
 Null condition: a stored (1, 64, C) tensor, zeros unless a folder provides `null_condition/` or the caller
 calls `set_null_features` (e.g. with the generator's output for an empty prompt, as the official inference
 does, or EVA features of a black image, as the eva-clip-reconstruct branch does). Zeros match the
-"null condition = zeros" convention of the DiT stage (reference §10) and need no encoder at load time.
+"null condition = zeros" convention of the DiT stage (docs/decisions.md, "Flow matching") and need no
+encoder at load time.
 """
 from __future__ import annotations
 

@@ -8,8 +8,8 @@ wrapped denoisers), images (B, 3, H, W) in [-1, 1] and their features (B, N, C),
 * sdxl: DDPM noising with the scheduler's alphas_cumprod, t ~ U{0..T-1}; the UNet sees
   x_t = sqrt(a) x0 + sqrt(1-a) eps (what EulerDiscreteScheduler.scale_model_input produces at sampling
   time) and predicts eps, x0 ("sample") or v, as `scheduler.config.prediction_type` says.
-* sana: flow matching as in reference §1.6/§3.2: sigma uniform on {0.001, ..., 1}, x_t = (1-sigma) x0 +
-  sigma eps, timestep = 1000 sigma, target eps - x0 ("flow_prediction") or x0 ("sample").
+* sana: flow matching as in the original (docs/decisions.md, "Flow matching"): sigma uniform on {0.001, ..., 1},
+  x_t = (1-sigma) x0 + sigma eps, timestep = 1000 sigma, target eps - x0 ("flow_prediction") or x0 ("sample").
 
 Both replace the features of a random `null_prob` fraction of samples with the stored null condition
 (classifier-free guidance dropout; the reference drops 10%), and optionally add Gaussian feature noise

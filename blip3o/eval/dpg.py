@@ -1,6 +1,6 @@
 """DPG-Bench generation: one ``{name}.png`` per prompt, a 2x2 grid of 4 samples (the benchmark's convention).
 
-    python -m blip3o.eval.dpg CKPT --prompts ../shared/benchmarks/dpg_bench/prompts.jsonl --out outputs/dpg
+    python -m blip3o.eval.dpg CKPT --prompts dpg_bench/prompts.jsonl --out outputs/dpg
     torchrun --nproc_per_node=8 -m blip3o.eval.dpg CKPT --prompts ... --out ...
 
 Prompts are ``{"name", "prompt"}`` JSONL (or a folder of ``<name>.txt``). Settings go to

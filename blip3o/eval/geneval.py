@@ -1,6 +1,6 @@
 """GenEval-layout generation (also used by the toy world).
 
-    python -m blip3o.eval.geneval CKPT --prompts ../shared/benchmarks/geneval/evaluation_metadata.jsonl \
+    python -m blip3o.eval.geneval CKPT --prompts geneval/evaluation_metadata.jsonl \
         --out outputs/geneval --n-samples 4 --seed 42
     torchrun --nproc_per_node=8 -m blip3o.eval.geneval CKPT --prompts ... --out ...   # sharded by rank
 

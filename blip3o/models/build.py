@@ -61,7 +61,8 @@ def dit_config_for(cfg: ModelConfig, channels: int, grid, hidden: int) -> dict:
 
 
 def embed_new_tokens_as_mean(backbone, tokenizer, new_ids) -> None:
-    """Resize embeddings to the tokenizer and set new rows to the mean of the old ones (reference §1.2)."""
+    """Resize embeddings to the tokenizer and set new rows to the mean of the old ones (docs/decisions.md,
+    "Prompts")."""
     emb = backbone.get_input_embeddings()
     old = emb.weight.shape[0]
     if old < len(tokenizer):

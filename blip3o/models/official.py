@@ -1,4 +1,4 @@
-"""Load directories laid out like the official BLIP3o-Model-4B/8B release (reference §10, §13).
+"""Load directories laid out like the official BLIP3o-Model-4B/8B release (docs/decisions.md, "Release layout").
 
 Those were written by transformers 4.51 from ``blip3oQwenForCausalLM``: a *flat* Qwen2.5-VL
 config.json (text fields at top level, ``vision_config`` nested, ``rope_scaling`` with

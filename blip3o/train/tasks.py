@@ -205,7 +205,7 @@ class _DecoderModule(torch.nn.Module):
 @TASKS.register("decoder")
 class DecoderTask(ImageLoaderTask):
     """Reconstruction training of the CLIP->pixels decoder: image -> frozen target encoder -> pooled
-    features -> the decoder learns to recover the image (reference §3.2). The loader yields decoder
+    features -> the decoder learns to recover the image (docs/decisions.md, "Decoders"). The loader yields decoder
     images in [-1, 1]; the target's input is resampled from the same crop, so both see one view."""
 
     def __init__(self, cfg: ExperimentConfig, dist: DistInfo):

@@ -5,7 +5,7 @@ final model directory contains; this loop owns optimisation, mixed precision, di
 checkpoints, exact resume, EMA, logging and failure handling. We drive ``deepspeed.initialize``
 ourselves rather than HF ``Trainer`` because exact resumption needs the streaming loader's position,
 every RNG and atomic checkpoint directories, and because accelerate+DeepSpeed mis-reads the world
-size on CPU (ENVIRONMENT.md), which would leave the data unsharded.
+size on CPU (docs/decisions.md, "Environment"), which would leave the data unsharded.
 """
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 BLIP3-o's DiT does not denoise pixels or VAE latents; it regresses (flow matching) onto frozen *CLIP
 features* of the image: EVA-CLIP-E-14-plus features at 448 px, average-pooled from a 32x32 to an 8x8
-token grid (reference sec. 1.5, 2). SigLIP2 features (the SigLIP2+SANA reconstruction branch, sec. 3.2)
+token grid (docs/decisions.md, "Targets"). SigLIP2 features (the SigLIP2+SANA reconstruction branch)
 and plain VAE latents ("VAE + flow matching", sec. 1.7) are alternative targets. They all live behind
 one interface so the target is a config value (``TARGETS`` registry), not a code branch.
 

@@ -57,7 +57,7 @@ _DC_AE_F32C32 = dict(
 
 TARGET_PRESETS: Dict[str, Dict[str, Dict[str, Any]]] = {
     "eva_clip": {
-        # EVA-CLIP-E-14-plus at 448 px (reference sec. 2). bf16 as in BLIP3-o training.
+        # EVA-CLIP-E-14-plus at 448 px (docs/decisions.md, "Targets"). bf16 as in BLIP3-o training.
         "official": dict(
             image_size=448, patch_size=14, width=1792, depth=64, num_heads=16, mlp_dim=15360,
             qkv_bias=True, post_norm=True, ln_eps=1e-6, pool=4,
@@ -100,7 +100,7 @@ TARGET_PRESETS: Dict[str, Dict[str, Dict[str, Any]]] = {
             kind="kl", vae_config=_SDXL_VAE, image_size=512, scaling_factor=0.13025, shift_factor=0.0,
             mean=list(HALF), std=list(HALF), interpolation="bicubic", dtype="float32",
         ),
-        # DC-AE f32c32 at 512 px -> (32, 16, 16) (the SANA setting of reference sec. 3.2).
+        # DC-AE f32c32 at 512 px -> (32, 16, 16) (the SANA setting: docs/decisions.md, "Targets").
         "official_dc": dict(
             kind="dc", vae_config=_DC_AE_F32C32, image_size=512, scaling_factor=0.41407, shift_factor=0.0,
             mean=list(HALF), std=list(HALF), interpolation="bicubic", dtype="float32",

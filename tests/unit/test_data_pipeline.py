@@ -8,7 +8,7 @@ import torch
 
 from blip3o.data import AllBadError, build_train_dataloader, expand_shards, iter_tar_samples
 from blip3o.prompts import IMG_START_TOKEN
-from tests.test_data_common import (  # noqa: F401  (fixtures)
+from tests.unit.test_data_common import (  # noqa: F401  (fixtures)
     _datasets_cache, data_cfg, good_samples, jpg_bytes, png_bytes, qwen_tokenizer, small_transform, take, toy_dir,
     write_tar,
 )

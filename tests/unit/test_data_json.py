@@ -7,7 +7,7 @@ import torch
 from blip3o.data import IGNORE_INDEX, build_train_dataloader, encode_conversation, load_json_records
 from blip3o.data.toy import render, short_caption, train_scene
 from blip3o.prompts import CHATML
-from tests.test_data_common import (  # noqa: F401  (fixtures)
+from tests.unit.test_data_common import (  # noqa: F401  (fixtures)
     _datasets_cache, data_cfg, json_roundtrip, keys, qwen_tokenizer, small_transform, take, toy_dir,
 )
 

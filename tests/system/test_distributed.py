@@ -2,7 +2,7 @@
 the joint recipe), kill-and-resume under torchrun, and the ``deepspeed`` launcher. Every run is the real entry point (``python -m blip3o.train``) in
 subprocesses on the toy world.
 
-Selective run: ``pytest -m distributed`` (this file and tests/test_slurm.py); part of the default run.
+Selective run: ``pytest -m distributed`` (this file and tests/system/test_slurm.py); part of the default run.
 
 Data: 4 shards of 100 samples read in epoch mode (``data.resampled=false``), so within the first epoch every
 shard belongs to exactly one rank and the two ranks' sample sets must be disjoint (with the default
@@ -21,7 +21,7 @@ import pytest
 
 pytestmark = pytest.mark.distributed
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 STEPS = 12  # long enough that the kill in the resume test lands between two checkpoints
 SAVE = 4
 GRAD_CLIP = 0.5  # not the default 1.0: proves the DeepSpeed json's "auto" is filled from train.max_grad_norm
@@ -223,7 +223,7 @@ def test_torchrun_ddp_kill_and_resume(toy, ddp_run, tmp_path):
     restored per rank), the same optimizer/scheduler state, and a 2-rank gloo all-reduce is a single addition
     (commutative, so order cannot matter). Measured: losses, grad norms and final weights are bit-identical.
     With data.num_workers>0 the same holds per rank: the workers are seeded from the loader's own generator, not
-    from the training RNG (tested single-process with a worker in tests/test_train.py)."""
+    from the training RNG (tested single-process with a worker in tests/integration/test_train.py)."""
     import torch
     from safetensors.torch import load_file
 

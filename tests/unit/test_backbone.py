@@ -40,7 +40,7 @@ def test_generation_prompt_is_one_open_assistant_turn(tiny_qwen_dir):
                     + GEN_INSTRUCTION + "a red circle<|im_end|>\n<|im_start|>assistant\n[IMG]")
 
 
-@pytest.mark.parametrize("caption,ids", [  # from ': ' on; the original's ids (reference §6, golden outputs)
+@pytest.mark.parametrize("caption,ids", [  # from ': ' on; the original's ids (decisions.md, "Prompts")
     ("A photo of cute cat", [25, 362, 6548, 315, 18838, 8251]),  # ': A' -> [':', 'ĠA'], not [':', 'Ġ', 'A']
     (" starts with a space", [25, 220, 8471, 448, 264, 3550]),
     ("猫 and a dog, 3 apples", [25, 10236, 234, 104, 323, 264, 5562, 11, 220, 18, 40676]),

@@ -3,7 +3,7 @@
 Fails loudly when numerics change by accident (a refactor, a default, a data-order change). If a change is
 meant to move the losses, regenerate the file and say why in the commit:
 
-    BLIP3O_REGEN_GOLDEN=1 python -m pytest -q tests/test_golden_losses.py
+    BLIP3O_REGEN_GOLDEN=1 python -m pytest -q tests/integration/test_golden_losses.py
 """
 import json
 import os

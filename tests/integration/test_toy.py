@@ -18,7 +18,7 @@ from blip3o.data.toy import (
 )
 from blip3o.eval import toy as scorer
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.fixture(scope="module")

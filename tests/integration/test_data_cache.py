@@ -9,12 +9,12 @@ import torch
 
 from blip3o.data import CacheMismatchError, build_train_dataloader, cache_shards, expand_shards
 from blip3o.data.shards import iter_tar_samples
-from tests.test_data_common import (  # noqa: F401  (fixtures)
+from tests.unit.test_data_common import (  # noqa: F401  (fixtures)
     StandInTarget, _datasets_cache, data_cfg, good_samples, keys, qwen_tokenizer, take, toy_dir,
     write_tar,
 )
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.fixture()

@@ -215,7 +215,7 @@ def test_transfusion_lora_trains_only_adapters_and_round_trips(tmp_path):
 @pytest.fixture(scope="module")
 def entry_point_runs(tmp_path_factory):
     """3 steps of each toy recipe through the main() of `python -m blip3o.train` (in this process: a
-    subprocess would pay the ~10 s transformers import again; tests/test_train.py covers the subprocess)."""
+    subprocess would pay the ~10 s transformers import again; tests/integration/test_train.py covers the subprocess)."""
     import signal
 
     from blip3o.data.toy import write_toy_dataset

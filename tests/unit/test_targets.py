@@ -110,7 +110,7 @@ def test_vae_encode_decode():
 def test_official_eva_structure_on_meta():
     enc = build_target_encoder("eva_clip", device="meta")
     n = sum(p.numel() for p in enc.parameters())
-    assert abs(n - 4.35e9) / 4.35e9 < 0.01, n  # reference sec. 13: 4.35 B parameters
+    assert abs(n - 4.35e9) / 4.35e9 < 0.01, n  # docs/decisions.md, "Targets": 4.35 B parameters
     assert enc.image_size == 448 and enc.channels == 1792
     assert enc.token_grid == (32, 32) and enc.grid == (8, 8) and enc.num_tokens == 64
     m = enc.model
@@ -174,7 +174,7 @@ def _synthetic_eva_clip_sd(cfg, prefix, fused_bias=True, seed=0):
 
 
 def _reference_eva_x0(sd, cfg, x):
-    """Independent re-statement of reference sec. 1.5/2: post-norm blocks on the EVA-CLIP layout."""
+    """Independent re-statement of docs/decisions.md, "Targets": post-norm blocks on the EVA-CLIP layout."""
     w, p, heads, pool = cfg["width"], cfg["patch_size"], cfg["num_heads"], cfg["pool"]
     hd = w // heads
     t = F.conv2d(x, sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"], stride=p)

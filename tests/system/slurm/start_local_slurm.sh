@@ -3,8 +3,8 @@
 # Prints "export ..." lines to eval. Requires root + Debian packages: slurmctld slurmd slurm-client munge.
 # Nothing is written under /etc: key, socket, slurm.conf, spool, logs and pid files all live in $1, and
 # clients find the cluster through SLURM_CONF. Ports: CTLD_PORT / SLURMD_PORT (defaults 16817 / 16818).
-# Recipe and measurements: /work/shared/SLURM_LOCALHOST.md (this is that script plus CPU detection that ignores
-# OMP_NUM_THREADS). Stop with stop_local_slurm.sh $1.
+# Recipe: docs/decisions.md, "Environment"; CPU detection here ignores
+# OMP_NUM_THREADS. Stop with stop_local_slurm.sh $1.
 set -euo pipefail
 D=${1:-$(mktemp -d /tmp/slurm-test.XXXXXX)}
 mkdir -p "$D"/{munge,spool/ctld,spool/d,log}

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from blip3o.data import build_train_dataloader
-from tests.test_data_common import (  # noqa: F401  (fixtures)
+from tests.unit.test_data_common import (  # noqa: F401  (fixtures)
     _datasets_cache, data_cfg, json_roundtrip, keys, qwen_tokenizer, small_transform, take, toy_dir,
 )
 

@@ -1,5 +1,5 @@
 """The repo's real slurm.sh on a real single-node Slurm cluster on localhost (munged + slurmctld + slurmd from
-Debian packages, everything in a temp dir; recipe: /work/shared/SLURM_LOCALHOST.md, scripts in tests/slurm/).
+Debian packages, everything in a temp dir; recipe: docs/decisions.md, "Environment"; scripts in tests/system/slurm/).
 
 ``sbatch --wait --ntasks=2 --ntasks-per-node=2 --cpus-per-task=1`` with ``NPROC_PER_NODE=1``: srun starts two
 torchrun agents that rendezvous over c10d like two nodes would, each with one trainer process (gloo).
@@ -20,7 +20,7 @@ import pytest
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slurm]
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent / "slurm"
 BINARIES = ("munged", "mungekey", "slurmctld", "slurmd", "sbatch", "srun", "squeue", "scancel", "scontrol", "sinfo")
 JOB_TIMEOUT = 600

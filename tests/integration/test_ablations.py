@@ -12,8 +12,7 @@ from tests.conftest import ROOT, run_env
 
 
 def _runner():
-    sys.path.insert(0, str(ROOT / "scripts"))
-    import run_ablations  # noqa: E402  (scripts/ is not a package)
+    from scripts import run_ablations
 
     return run_ablations
 

@@ -23,7 +23,7 @@ def _single_thread():
 
 
 def official_dit_shapes(llm_hidden: int) -> dict[str, tuple[int, ...]]:
-    """The 642 tensors under ``model.dit.model.`` of the released checkpoints (reference section 10), with shapes."""
+    """The 642 tensors under ``model.dit.model.`` of the released checkpoints (docs/decisions.md), with shapes."""
     s: dict[str, tuple[int, ...]] = {
         "caption_projection.linear_1.weight": (D, llm_hidden),
         "caption_projection.linear_1.bias": (D,),
