@@ -150,8 +150,11 @@ class BackboneAdapter:
             d["initializer_range"] = init_std
             if "text_config" in d:
                 d["text_config"]["initializer_range"] = init_std
-        torch.manual_seed(seed)
-        model = self.from_config(d)
+        # A private RNG: materialising the preset (first use in a checkout) must not move the caller's global
+        # seed, or a fresh checkout trains from different initial weights than one with the cache filled.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = self.from_config(d)
         model.save_pretrained(str(out))
         return str(out)
 

@@ -122,3 +122,13 @@ def test_understanding_path_is_the_bare_backbone(tiny_qwen_dir):
     answers = m.understand([img], ["What colour is this?"], max_new_tokens=4)
     gen = bare.generate(**enc, max_new_tokens=4, do_sample=False, pad_token_id=m.tokenizer.pad_token_id)
     assert answers[0] == m.tokenizer.decode(gen[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+
+def test_materialising_a_tiny_preset_leaves_the_global_rng_alone(tmp_path):
+    # A fresh checkout builds the preset inside the trainer after it seeds: the build must not move that seed
+    # (it did once, and a fresh cache trained from other initial weights than a filled one).
+    torch.manual_seed(123)
+    want = torch.rand(1)
+    torch.manual_seed(123)
+    get_backbone("qwen3").make_tiny(str(tmp_path / "q3"), seed=0)
+    assert torch.equal(torch.rand(1), want)
