@@ -17,9 +17,8 @@ compares objectives with identical architectures and parameter counts.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, fields
-from typing import Any, Callable, ClassVar, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, ClassVar, Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch

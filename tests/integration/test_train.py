@@ -3,7 +3,6 @@ train, log, checkpoint, SIGKILL + resume to identical losses, kill-during-save, 
 import json
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
