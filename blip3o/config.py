@@ -478,7 +478,7 @@ def _refuse_ignored(cfg: ExperimentConfig) -> None:
 
 def _validate_fusion(m: ModelConfig) -> None:
     g = m.generator
-    if m.target != "vae":
+    if not _registries()[("model", "target")].get(m.target).decodes_to_pixels:  # a latent space with its own decoder
         raise ConfigError(f"model.target: the {g} generator denoises VAE latents; set model.target=vae, got '{m.target}'")
     if m.objective["name"] != "flow":
         raise ConfigError(f"model.objective: the {g} generator is trained by flow matching; set model.objective=flow")
