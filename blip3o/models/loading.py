@@ -17,6 +17,7 @@ from blip3o.models.blip3o import Blip3oConfig, Blip3oForConditionalGeneration
 from blip3o.models.fusion import Blip3oFusionForConditionalGeneration, FusionConfig
 from blip3o.models.official import OFFICIAL_MODEL_TYPES, load_official
 
+
 def checkpoint_kind(path: Union[str, os.PathLike]) -> str:
     """``blip3o`` | ``official`` | ``fusion`` for a saved model directory (ValueError for anything else)."""
     f = Path(path) / "config.json"
