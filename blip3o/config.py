@@ -9,9 +9,9 @@ An experiment is one small YAML file (see ``configs/``)::
     train: {max_steps: 200, learning_rate: 3.0e-4}
 
 and ``key=value`` overrides on the command line (``train.max_steps=10 model.objective=mse``,
-``model.objective.time_shift=3.0``, ``imports=[my_pkg.my_target]``). The paper's settings are the dataclass defaults; a component's settings
-(the objective's) are the fields of its registered class. Unknown keys and wrong types raise
-:class:`ConfigError` with one line naming the field, e.g.
+``model.objective.time_shift=3.0``, ``imports=[my_pkg.my_target]``). The paper's settings are the dataclass
+defaults; a component's settings (the objective's) are the fields of its registered class. Unknown keys and
+wrong types raise :class:`ConfigError` with one line naming the field, e.g.
 ``ConfigError: train.learning_rate: expected float, got 'fast'``.
 """
 from __future__ import annotations

@@ -58,7 +58,8 @@ def test_imports_key_in_yaml_and_overrides_and_a_missing_module(tmp_path):
     y = tmp_path / "exp.yaml"
     y.write_text("preset: tiny\nimports: [json]\n")
     assert load_config(y, ["imports=[csv, json]"]).imports == ["json", "csv"]
-    with pytest.raises(ConfigError, match=r"^imports: cannot import 'no_such_pkg\.mod' \(No module named 'no_such_pkg'\)$"):
+    missing = r"^imports: cannot import 'no_such_pkg\.mod' \(No module named 'no_such_pkg'\)$"
+    with pytest.raises(ConfigError, match=missing):
         load_config(None, ["imports=no_such_pkg.mod"])
     with pytest.raises(ConfigError, match="imports: expected a list of module names"):
         load_config(None, ["imports={a: 1}"])
