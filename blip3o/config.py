@@ -3,20 +3,22 @@
 An experiment is one small YAML file (see ``configs/``)::
 
     preset: tiny            # optional: official-8b | official-4b | tiny (applied first)
+    imports: [my_pkg.my_target]   # optional: modules that register variants (docs/extending.md)
     model: {target: siglip, objective: {name: flow, time_shift: 3.0}}   # or just `objective: flow`
     data:  {train_shards: toy_data/train}
     train: {max_steps: 200, learning_rate: 3.0e-4}
 
 and ``key=value`` overrides on the command line (``train.max_steps=10 model.objective=mse``,
-``model.objective.time_shift=3.0``). The paper's settings are the dataclass defaults; a component's settings
-(the objective's) are the fields of its registered class. Unknown keys and wrong types raise
-:class:`ConfigError` with one line naming the field, e.g.
+``model.objective.time_shift=3.0``, ``imports=[my_pkg.my_target]``). The paper's settings are the dataclass
+defaults; a component's settings (the objective's) are the fields of its registered class. Unknown keys and
+wrong types raise :class:`ConfigError` with one line naming the field, e.g.
 ``ConfigError: train.learning_rate: expected float, got 'fast'``.
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib
 import os
 import typing
 from dataclasses import dataclass, field
@@ -141,6 +143,8 @@ class ExperimentConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    # Modules imported before validation, so that the variants they register are valid names (docs/extending.md).
+    imports: List[str] = field(default_factory=list)
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
@@ -260,6 +264,21 @@ def _component(current: Dict[str, Any], value: Any, where: str) -> Dict[str, Any
     return dict(value)
 
 
+def import_plugins(cfg: ExperimentConfig, modules: Any) -> None:
+    """Imports each module (a name or a list of names) and records it in ``cfg.imports``."""
+    if isinstance(modules, str):
+        modules = [modules]
+    if not isinstance(modules, list) or not all(isinstance(m, str) and m for m in modules):
+        raise ConfigError(f"imports: expected a list of module names, got {modules!r}")
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError as e:
+            raise ConfigError(f"imports: cannot import '{name}' ({e})") from None
+        if name not in cfg.imports:
+            cfg.imports.append(name)
+
+
 def _set(section_obj, section: str, key: str, value: Any) -> None:
     cls = type(section_obj)
     hints = typing.get_type_hints(cls)
@@ -290,8 +309,11 @@ def apply_dict(cfg: ExperimentConfig, body: Dict[str, Any], source: str = "confi
     for section, values in body.items():
         if section == "preset":
             continue
+        if section == "imports":
+            import_plugins(cfg, values)
+            continue
         if section not in SECTIONS:
-            close = difflib.get_close_matches(str(section), list(SECTIONS) + ["preset"], n=1)
+            close = difflib.get_close_matches(str(section), list(SECTIONS) + ["preset", "imports"], n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             raise ConfigError(f"unknown section '{section}' in {source}{hint}")
         if values is None:
@@ -309,6 +331,8 @@ def parse_override(item: str):
     key, raw = item.split("=", 1)
     if key == "preset":
         return "preset", "preset", raw
+    if key == "imports":  # imports=my_pkg.mod or imports=[a.mod,b.mod]
+        return "imports", "imports", yaml.safe_load(raw)
     if "." not in key:
         raise ConfigError(f"override '{item}' must name its section, e.g. train.{key}={raw}")
     section, name = key.split(".", 1)
@@ -346,6 +370,9 @@ def load_config(path: Optional[Union[str, Path]] = None, overrides: Sequence[str
     apply_dict(cfg, body, str(path))
     for section, name, value in ov:
         if section == "preset":
+            continue
+        if section == "imports":
+            import_plugins(cfg, value)
             continue
         if section not in SECTIONS:
             raise ConfigError(f"unknown section '{section}' in override '{section}.{name}'")

@@ -12,8 +12,11 @@
     # multi-node under Slurm: see slurm.sh (srun + torchrun c10d rendezvous)
     # resume after a crash or preemption
     python -m blip3o.train configs/toy.yaml train.resume_from_checkpoint=latest
+    # a variant registered in your own module (docs/extending.md)
+    python -m blip3o.train configs/toy.yaml imports=[my_pkg.variants] model.target=pooled_pixels
 
-Arguments: a YAML experiment file (optional) followed by section.field=value overrides.
+Arguments: a YAML experiment file (optional) followed by section.field=value overrides (and preset=NAME,
+imports=[MODULE, ...]).
 """
 from __future__ import annotations
 
