@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -160,6 +161,8 @@ def main(argv=None) -> int:
         print("error: --height/--width size the pixel decoder's images; --embeddings-only skips it", file=sys.stderr)
         return 2
 
+    # blip3o and torch are imported only here, after the arguments are checked: `--help` and a bad flag answer
+    # in a fraction of a second (the same holds for the blip3o imports in the functions above).
     import blip3o  # noqa: F401
     import torch
     from tqdm.auto import tqdm
@@ -224,8 +227,6 @@ def main(argv=None) -> int:
                 for i, r in enumerate(res.reasoning):
                     (Path(args.out_dir) / f"{i:03d}.reasoning.txt").write_text(r + "\n")
             print(text.strip())
-    import math
-
     # one prompt: a near-square grid (the reference's demo is 2x2); several: one row per prompt
     grid = make_grid(images, cols=math.ceil(math.sqrt(n)) if len(prompts) == 1 else n)
     grid.save(out)

@@ -25,7 +25,7 @@ def patch_torchvision() -> bool:
     spec = importlib.util.find_spec("torchvision")
     if spec is None or not spec.submodule_search_locations:
         return False
-    import torch
+    import torch  # only once torchvision is known to be installed
 
     libs = glob.glob(os.path.join(list(spec.submodule_search_locations)[0], "_C*.so"))
     try:

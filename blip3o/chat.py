@@ -44,6 +44,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from PIL import Image
 
+from blip3o.models.understanding import load_image_processor
 from blip3o.prompts import EDIT_INSTRUCTION, GEN_INSTRUCTION, IMAGE_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN, \
     get_template
 
@@ -138,8 +139,6 @@ class _Vision:
     """Image -> (pixel_values, grid) through the backbone's image processor, cached per image object."""
 
     def __init__(self, model):
-        from blip3o.models.understanding import load_image_processor
-
         self.ip = load_image_processor(model)
         self.merge = getattr(self.ip, "merge_size", 2)
         self._cache: Dict[int, tuple] = {}

@@ -184,10 +184,6 @@ CHOICES = {
 
 
 # ----------------------------------------------------------------------------------------------
-def _type_name(tp) -> str:
-    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
-
-
 def _coerce(value: Any, tp, where: str) -> Any:
     """Checks `value` against the annotation `tp`, allowing int -> float and nothing else implicit."""
     origin = typing.get_origin(tp)

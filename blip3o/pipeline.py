@@ -25,7 +25,12 @@ from typing import List, Optional, Sequence, Union
 import torch
 from PIL import Image
 
+from blip3o.chat import CLASSIFY_PROMPT, Blip3oChat, classify, with_reasoning
+from blip3o.decoders import load_decoder as _load_decoder  # from_pretrained has a load_decoder flag
+from blip3o.models.loading import load_generation_model
 from blip3o.models.targets import TARGETS
+from blip3o.models.understanding import load_image_processor
+from blip3o.prompts import encode_edit_prompts, get_template
 
 logger = logging.getLogger(__name__)
 
@@ -58,8 +63,6 @@ class Blip3oPipeline:
     @classmethod
     def from_pretrained(cls, path: Union[str, os.PathLike], device: Union[str, torch.device, None] = None,
                         dtype=None, decoder_path: Optional[str] = None, load_decoder: bool = True):
-        from blip3o.models.loading import load_generation_model
-
         path = Path(path)
         if not path.is_dir():
             raise FileNotFoundError(f"checkpoint directory not found: {path}")
@@ -79,8 +82,6 @@ class Blip3oPipeline:
             if dpath is None and (path / "diffusion-decoder").is_dir():
                 dpath = str(path / "diffusion-decoder")
             if dpath and os.path.isdir(dpath):
-                from blip3o.decoders import load_decoder as _load_decoder
-
                 decoder = _load_decoder(dpath, torch_dtype=dtype)
                 decoder.to(device)
         return cls(model, decoder, device)
@@ -177,8 +178,6 @@ class Blip3oPipeline:
         for each prompt, and the queries read the prompt plus that description (returned as ``reasoning``)."""
         reasoning = None
         if reason:
-            from blip3o.chat import with_reasoning
-
             prompts = [prompts] if isinstance(prompts, str) else list(prompts)
             reasoning = self.reason(prompts)
             prompts = [with_reasoning(p, r) for p, r in zip(prompts, reasoning)]
@@ -193,15 +192,11 @@ class Blip3oPipeline:
     # -- conversation, reasoning, classification (blip3o/chat.py) --------------------------------------------
     def chat(self, **kwargs):
         """A new conversation (Blip3oChat): multi-turn text and images; kwargs: max_images, max_tokens, truncate..."""
-        from blip3o.chat import Blip3oChat
-
         return Blip3oChat(self, **kwargs)
 
     @torch.no_grad()
     def reason(self, prompts: Union[str, Sequence[str]], max_new_tokens: int = 96) -> List[str]:
         """The backbone's short explicit description (objects, attributes, layout) of what to draw per prompt."""
-        from blip3o.chat import Blip3oChat
-
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         chat = Blip3oChat(self, reason_max_new_tokens=max_new_tokens)
         self._stage(self.model)
@@ -212,8 +207,6 @@ class Blip3oPipeline:
     @torch.no_grad()
     def classify(self, image, labels: Sequence[str], question: Optional[str] = None):
         """Zero-shot: ``labels`` ranked by length-normalised log-likelihood as the answer -> [(label, score)]."""
-        from blip3o.chat import CLASSIFY_PROMPT, classify
-
         return classify(self, image, labels, question or CLASSIFY_PROMPT)
 
     # -- image -> text -----------------------------------------------------------------------------------
@@ -233,9 +226,6 @@ class Blip3oPipeline:
     def edit(self, image: Image.Image, instruction: str, num_images: int = 1, seed: Optional[int] = None,
              generator=None, guidance_scale: Optional[float] = None, num_inference_steps: Optional[int] = None,
              decoder_guidance_scale: Optional[float] = None, height=None, width=None) -> Blip3oPipelineOutput:
-        from blip3o.models.understanding import load_image_processor
-        from blip3o.prompts import encode_edit_prompts, get_template
-
         m = self.model
         ip = load_image_processor(m)
         vis = ip(images=[image.convert("RGB")], return_tensors="pt")

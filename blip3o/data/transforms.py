@@ -42,11 +42,6 @@ def center_crop(img: Image.Image, size: int) -> Image.Image:
     return img.crop((left, top, left + size, top + size))
 
 
-def to_tensor(img: Image.Image) -> torch.Tensor:
-    """PIL RGB -> float tensor (3, H, W) in [0, 1]."""
-    return normalize(img, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
-
-
 def normalize(img: Image.Image, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """PIL RGB -> (x / 255 - mean) / std as float32 (3, H, W), in one fused numpy pass.
 

@@ -12,10 +12,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
 from typing import Dict, List
+
+import torch
+from tqdm.auto import tqdm
+
+from blip3o.images import make_grid
+from blip3o.pipeline import Blip3oPipeline
 
 
 def read_dpg_prompts(path: str) -> List[Dict]:
@@ -36,13 +43,6 @@ def read_dpg_prompts(path: str) -> List[Dict]:
 
 def generate_dpg(pipe, rows, out: str, seed: int = 42, n_samples: int = 4, guidance_scale=None,
                  num_inference_steps=None, rank: int = 0, world_size: int = 1, rewrite: bool = False) -> int:
-    import math
-
-    import torch
-    from tqdm.auto import tqdm
-
-    from blip3o.images import make_grid
-
     out_p = Path(out)
     out_p.mkdir(parents=True, exist_ok=True)
     done = 0
@@ -72,9 +72,6 @@ def main(argv=None) -> int:
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None)
     a = p.parse_args(argv)
-    import blip3o  # noqa: F401
-    from blip3o.pipeline import Blip3oPipeline
-
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     try:
         rows = read_dpg_prompts(a.prompts)

@@ -20,6 +20,12 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Optional
 
+import torch
+from tqdm.auto import tqdm
+
+from blip3o.images import make_grid
+from blip3o.pipeline import Blip3oPipeline
+
 
 def read_prompt_rows(path: str) -> List[Dict]:
     p = Path(path)
@@ -39,10 +45,6 @@ def generate_geneval(pipe, rows: List[Dict], out: str, n_samples: int = 4, seed:
                      decoder_guidance_scale: Optional[float] = None, rank: int = 0, world_size: int = 1,
                      progress: bool = True, rewrite: bool = False) -> int:
     """Generates the rows assigned to this rank (strided by index); returns the number of images."""
-    from tqdm.auto import tqdm
-
-    from blip3o.images import make_grid
-
     out_p = Path(out)
     mine = [(i, r) for i, r in enumerate(rows) if i % world_size == rank]
     todo = [(i, r) for i, r in mine if not (out_p / f"{i:05d}" / "samples" / f"{n_samples - 1:04d}.png").is_file()]
@@ -86,14 +88,9 @@ def main(argv=None) -> int:
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None)
     a = p.parse_args(argv)
-    import blip3o  # noqa: F401
-    from blip3o.pipeline import Blip3oPipeline
-
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = a.device
     if device is None and world > 1:
-        import torch
-
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
     try:
         rows = read_prompt_rows(a.prompts)

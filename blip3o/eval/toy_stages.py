@@ -37,6 +37,8 @@ from PIL import Image
 
 from blip3o.data import toy
 from blip3o.eval.toy import score_image
+from blip3o.models.targets import ToyClipModel
+from blip3o.pipeline import Blip3oPipeline
 
 TAGS = list(toy.TAGS)
 
@@ -120,8 +122,6 @@ def run_stages(run: str, prompts: str, model_dir: Optional[str] = None, samples_
                bank: int = 4000, seed: int = 0, decoder_steps: Optional[int] = None, limit: Optional[int] = None,
                pipe=None) -> Dict[str, object]:
     """The stage table of a toy run (see the module docstring); ``pipe``: an already loaded pipeline."""
-    from blip3o.pipeline import Blip3oPipeline
-
     run_p = Path(run)
     pipe = pipe or Blip3oPipeline.from_pretrained(model_dir or str(run_p / "model"), device="cpu")
     target = pipe.model.target_encoder
@@ -156,8 +156,6 @@ def run_stages(run: str, prompts: str, model_dir: Optional[str] = None, samples_
     # (d) the toy CLIP: zero-shot accuracy, and its judgement of the generated features
     clip_dir = run_p / "clip"
     if (clip_dir / "text_tower.safetensors").is_file():
-        from blip3o.models.targets import ToyClipModel
-
         clip = ToyClipModel.from_pretrained(str(clip_dir))
         out["generator_clip"] = clip_rank_score(clip, gen, rows, samples_per_prompt)
         out["clip_ceiling"] = clip_rank_score(clip, gt, rows, 1)

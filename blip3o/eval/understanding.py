@@ -23,6 +23,10 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Dict, List
 
+from PIL import Image
+
+from blip3o.pipeline import Blip3oPipeline
+
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 
 
@@ -73,11 +77,6 @@ def main(argv=None) -> int:
     p.add_argument("--device", default=None)
     p.add_argument("--export-backbone", default=None, help="write the backbone as a plain transformers dir")
     a = p.parse_args(argv)
-    import blip3o  # noqa: F401
-    from PIL import Image
-
-    from blip3o.pipeline import Blip3oPipeline
-
     try:
         pipe = Blip3oPipeline.from_pretrained(a.checkpoint, device=a.device, load_decoder=False)
     except (FileNotFoundError, ValueError) as e:

@@ -40,6 +40,8 @@ def main(argv=None) -> int:
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
 
+    # The package is imported only after the arguments are parsed: `--help` answers before torch loads, and
+    # TOKENIZERS_PARALLELISM is set before tokenizers is imported.
     import blip3o  # noqa: F401  (torchvision shim first)
     from blip3o.config import ConfigError, load_config
 

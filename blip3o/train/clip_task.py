@@ -17,6 +17,7 @@ from typing import Dict
 import torch
 
 from blip3o.config import ExperimentConfig
+from blip3o.models.targets import TARGET_PRESETS, ToyClipModel, zero_shot_accuracy
 from blip3o.train.distributed import DistInfo
 from blip3o.train.image_task import ImageLoaderTask
 from blip3o.train.task_registry import TASKS
@@ -38,9 +39,6 @@ class _ClipModule(torch.nn.Module):
 @TASKS.register("clip")
 class ClipTask(ImageLoaderTask):
     def __init__(self, cfg: ExperimentConfig, dist: DistInfo):
-        from blip3o.models.targets import TARGET_PRESETS
-        from blip3o.models.targets import ToyClipModel
-
         m = cfg.model
         if m.target != "toy_clip":
             raise ValueError(f"train.task clip trains the toy CLIP: set model.target: toy_clip (got '{m.target}')")
@@ -72,8 +70,6 @@ class ClipTask(ImageLoaderTask):
     @torch.no_grad()
     def sample(self, path: Path, ema=None):
         """Zero-shot accuracy of the current weights (JSON beside where image tasks write their grid)."""
-        from blip3o.models.targets import zero_shot_accuracy
-
         was = self.clip.training
         self.clip.eval()
         acc = zero_shot_accuracy(self.clip, n=150)
@@ -85,8 +81,6 @@ class ClipTask(ImageLoaderTask):
         return out
 
     def save_final(self, out: Path, ema=None, state_dict=None):
-        from blip3o.models.targets import zero_shot_accuracy
-
         if state_dict is not None:
             raise ValueError("the clip task does not support sharded engines (ZeRO-3, FSDP): it is a toy-sized model")
         if ema is not None:

@@ -80,14 +80,6 @@ def all_reduce_mean(x: float) -> float:
     return float(t.item()) / dist.get_world_size()
 
 
-def broadcast_object(obj, src: int = 0):
-    if not dist.is_initialized():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
-
-
 def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
     """Makes every rank's buffers equal to rank `src`'s (what DDP does before each forward; DeepSpeed does it
     only at initialisation, so buffers set from rank-local data afterwards, such as target statistics taken

@@ -20,6 +20,9 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
+# torch.distributed.fsdp / .checkpoint / .tensor are imported inside the functions: only FSDP runs use them, the
+# trainer imports this module on every run, and torch builds without distributed support lack them.
+
 
 def block_lists(model: nn.Module) -> List[nn.ModuleList]:
     """The outermost ``*layers`` ModuleLists that hold trainable parameters (transformer blocks)."""

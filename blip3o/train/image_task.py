@@ -7,30 +7,27 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from transformers import AutoTokenizer
+
+from blip3o.data import build_train_dataloader
+from blip3o.data.transforms import center_crop, resize_shorter
+from blip3o.models.backbone import resolve_backbone_path
+from blip3o.prompts import add_special_tokens
 
 
 class ImageLoaderTask:
     """Mixin: set ``self.cfg`` and ``self.image_size``, call ``_init_tokenizer()``; get the loader."""
 
     def _init_tokenizer(self) -> None:
-        from transformers import AutoTokenizer
-
-        from blip3o.models.backbone import resolve_backbone_path
-        from blip3o.prompts import add_special_tokens
-
         m = self.cfg.model
         self.tokenizer = AutoTokenizer.from_pretrained(resolve_backbone_path(m.backbone, m.backbone_path))
         add_special_tokens(self.tokenizer)
 
     def image_transform(self, img) -> torch.Tensor:
-        from blip3o.data.transforms import center_crop, resize_shorter
-
         img = center_crop(resize_shorter(img.convert("RGB"), self.image_size), self.image_size)
         return torch.from_numpy(np.asarray(img, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1.0
 
     def build_loader(self, rank: int, world_size: int, seed: int):
-        from blip3o.data import build_train_dataloader
-
         c = self.cfg
         return build_train_dataloader(
             c.data, self.tokenizer, image_transform=self.image_transform, rank=rank, world_size=world_size,

@@ -19,9 +19,14 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 import torch
+import torch.nn.functional as F
 
 from blip3o.config import ExperimentConfig
+from blip3o.data import build_train_dataloader
+from blip3o.decoders import build_decoder, decoder_training_loss, load_decoder, trainable_parameters
 from blip3o.images import feature_summary_image, make_grid, to_pil
+from blip3o.models.build import build_model, load_target
+from blip3o.prompts import get_template
 from blip3o.train.clip_task import ClipTask  # noqa: F401  (registers "clip")
 from blip3o.train.distributed import DistInfo
 from blip3o.train.image_task import ImageLoaderTask
@@ -62,8 +67,6 @@ def move(batch, device):
 @TASKS.register("t2i")
 class T2ITask:
     def __init__(self, cfg: ExperimentConfig, dist: DistInfo):
-        from blip3o.models.build import build_model
-
         self.cfg = cfg
         self.dist = dist
         self.val_prompts = _read_eval_prompts(cfg.data.eval_prompts)  # a bad path fails before the model loads
@@ -74,14 +77,9 @@ class T2ITask:
             self.model.set_gradient_checkpointing(True)
         self.decoder = None
         if cfg.model.decoder_path:
-            from blip3o.decoders import load_decoder
-
             self.decoder = load_decoder(cfg.model.decoder_path)
 
     def build_loader(self, rank: int, world_size: int, seed: int):
-        from blip3o.data import build_train_dataloader
-        from blip3o.prompts import get_template
-
         c = self.cfg
         return build_train_dataloader(
             c.data, self.tokenizer, image_transform=self.target.transform, rank=rank, world_size=world_size,
@@ -182,8 +180,6 @@ class _DecoderModule(torch.nn.Module):
 
     def __init__(self, pipe, null_prob: float, feature_noise: float):
         super().__init__()
-        from blip3o.decoders import trainable_parameters
-
         self.pipe = pipe
         self.denoiser = pipe.denoiser
         for name in pipe.spec.trained[1:]:  # what the loss trains besides the denoiser (SANA's connector)
@@ -194,8 +190,6 @@ class _DecoderModule(torch.nn.Module):
         self.null_prob, self.feature_noise = null_prob, feature_noise
 
     def forward(self, images, features, generator=None):
-        from blip3o.decoders import decoder_training_loss
-
         loss, parts = decoder_training_loss(self.pipe, images, features, generator=generator,
                                             null_prob=self.null_prob if self.training else 0.0,
                                             feature_noise=self.feature_noise if self.training else 0.0)
@@ -209,20 +203,14 @@ class DecoderTask(ImageLoaderTask):
     images in [-1, 1]; the target's input is resampled from the same crop, so both see one view."""
 
     def __init__(self, cfg: ExperimentConfig, dist: DistInfo):
-        from blip3o.models.build import load_target
-
         self.cfg, self.dist = cfg, dist
         m = cfg.model
         self.target = load_target(m).to(dist.device)
         if m.decoder == "none":
             raise ValueError("model.decoder: set sdxl or sana to train a decoder")
         if m.decoder_path:
-            from blip3o.decoders import load_decoder
-
             pipe = load_decoder(m.decoder_path)
         else:
-            from blip3o.decoders import build_decoder
-
             kw = dict(feature_dim=self.target.channels, num_tokens=self.target.num_tokens)
             kw.update(m.decoder_kwargs)
             pipe = build_decoder(m.decoder, preset=m.decoder_preset, pretrained=False, **kw)
@@ -237,8 +225,6 @@ class DecoderTask(ImageLoaderTask):
 
     def features_of(self, images: torch.Tensor) -> torch.Tensor:
         """[-1, 1] decoder images -> target tokens (B, N, C)."""
-        import torch.nn.functional as F
-
         x = (images + 1) / 2
         s = self.target.image_size
         if x.shape[-1] != s or x.shape[-2] != s:

@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -20,9 +21,13 @@ from typing import Any, Dict
 
 import torch
 from safetensors.torch import load_file, save_file
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm.auto import tqdm
+from transformers import get_scheduler
 
 from blip3o.config import ExperimentConfig
 from blip3o.train import checkpoint as ckpt
+from blip3o.train import fsdp
 from blip3o.train.distributed import (DistInfo, all_reduce_max, all_reduce_mean, barrier, broadcast_buffers,
                                       init_distributed)
 from blip3o.train.ema import EMA
@@ -35,8 +40,6 @@ class NonFiniteLossError(RuntimeError):
 
 
 def build_scheduler(optimizer, cfg, total_steps: int):
-    from transformers import get_scheduler
-
     warmup = int(math.ceil(cfg.warmup_ratio * total_steps))
     kw = {}
     name = cfg.lr_scheduler_type
@@ -162,15 +165,13 @@ class Trainer:
         t = self.cfg.train
         self.engine = None
         if self.fsdp:
-            from blip3o.train import fsdp
-
             units = fsdp.shard(self.model, t.mixed_precision)
             logger.info("FSDP: %d block units + the root", units)
             # fully_shard replaced the parameters by sharded (DTensor) ones: the optimizer must see those
             self.named_trainable = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         groups = param_groups(self.named_trainable, t.weight_decay)
         if self.ds_config is not None:
-            import deepspeed
+            import deepspeed  # optional: only DeepSpeed runs need it installed
 
             optimizer = None
             if "optimizer" not in self.ds_config:
@@ -187,8 +188,6 @@ class Trainer:
             self.scheduler = build_scheduler(self.optimizer, t, t.max_steps)
             self.forward_module = self.model  # FSDP2 hooks into the module itself
             if self.dist.distributed and not self.fsdp:
-                from torch.nn.parallel import DistributedDataParallel as DDP
-
                 ids = [self.dist.device.index] if self.dist.device.type == "cuda" else None
                 self.forward_module = DDP(self.model, device_ids=ids)
 
@@ -218,8 +217,6 @@ class Trainer:
             # layer by layer onto rank 0's CPU, in the engine's 16-bit (or fp32) dtype
             return self.engine._zero3_consolidated_16bit_state_dict() or {}
         if self.fsdp:
-            from blip3o.train import fsdp
-
             return fsdp.full_state_dict(self.model)
         return None
 
@@ -228,8 +225,6 @@ class Trainer:
         tmp = ckpt.tmp_dir(self.out, self.step)
         if self.dist.is_main:
             if tmp.exists():
-                import shutil
-
                 shutil.rmtree(tmp)
             tmp.mkdir(parents=True)
         barrier()
@@ -237,8 +232,6 @@ class Trainer:
             # ZeRO partitions optimizer state across ranks: every rank writes its own shard.
             self.engine.save_checkpoint(str(tmp / "deepspeed"), tag="state")
         if self.fsdp:  # sharded weights + optimizer state, every rank its own part
-            from blip3o.train import fsdp
-
             fsdp.save_sharded(self.model, self.optimizer, tmp / "fsdp")
         full = self._gather_full() if self.zero3 else None  # ZeRO-3: the full trainable weights, too
         if self.dist.is_main:
@@ -271,8 +264,6 @@ class Trainer:
         if self.fsdp:
             if not (path / "fsdp").is_dir():
                 raise RuntimeError(f"checkpoint {path} was not written with train.fsdp=true (no fsdp/ folder)")
-            from blip3o.train import fsdp
-
             fsdp.load_sharded(self.model, self.optimizer, path / "fsdp")
         else:
             sd = load_file(str(path / "trainable.safetensors"))
@@ -309,7 +300,7 @@ class Trainer:
     def _init_wandb(self):
         if self.cfg.train.report_to != "wandb" or not self.dist.is_main:
             return
-        import wandb
+        import wandb  # optional: only runs that report to wandb need it
 
         self.wandb = wandb.init(project=os.environ.get("WANDB_PROJECT", "blip3o"), dir=str(self.out),
                                 config=self.cfg.to_dict(), mode=os.environ.get("WANDB_MODE", "offline"))
@@ -333,8 +324,6 @@ class Trainer:
         self._init_wandb()
         flops = self.flops
         bsz = t.per_device_train_batch_size
-        from tqdm.auto import tqdm
-
         bar = tqdm(total=t.max_steps, initial=self.step, disable=not self.dist.is_main, desc="train",
                    dynamic_ncols=True, mininterval=1.0)
         try:
@@ -401,9 +390,7 @@ class Trainer:
             else:
                 norm = torch.nn.utils.clip_grad_norm_([p for _, p in self.named_trainable], t.max_grad_norm)
                 if self.fsdp:
-                    from blip3o.train.fsdp import full_norm
-
-                    grad_norm = full_norm(norm)
+                    grad_norm = fsdp.full_norm(norm)
                 else:
                     grad_norm = float(norm)
                 self.optimizer.step()

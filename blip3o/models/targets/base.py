@@ -262,10 +262,6 @@ class TargetEncoder(nn.Module):
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.encode(pixel_values)
 
-    @torch.no_grad()
-    def encode_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        return self.encode(self.preprocess(images))
-
     # --- identity ---
     def signature(self) -> Dict[str, Any]:
         """What a feature cache must match: registry name, config hash, x0 shape, weights fingerprint."""
