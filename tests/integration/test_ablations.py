@@ -82,3 +82,14 @@ def test_run_ablations_end_to_end(tmp_path, toy_data):
     md = (out / "results.md").read_text()
     assert all(n in md for n in by) and "overall" in md and "diversity" in md
     assert (out / "ablations.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("name", sorted(_runner().VARIANTS))
+def test_every_toy_variant_is_a_valid_experiment(name):
+    # The variant files are the grid's only definition: each base config + its overrides must validate (a
+    # renamed field in a config refactor would otherwise surface only in a long ablation run).
+    from blip3o.config import load_config
+
+    v = _runner().VARIANTS[name]
+    cfg = load_config(ROOT / v.config, list(v.overrides))
+    assert cfg.model.objective["name"] == v.objective
