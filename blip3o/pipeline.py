@@ -27,6 +27,7 @@ from PIL import Image
 
 from blip3o.chat import CLASSIFY_PROMPT, Blip3oChat, classify, with_reasoning
 from blip3o.decoders import load_decoder as _load_decoder  # from_pretrained has a load_decoder flag
+from blip3o.images import to_pil
 from blip3o.models.loading import load_generation_model
 from blip3o.models.targets import TARGETS
 from blip3o.models.understanding import load_image_processor
@@ -145,9 +146,7 @@ class Blip3oPipeline:
             self._unstage(self.decoder)
             return list(out.images if hasattr(out, "images") else out)
         if TARGETS.get(self.model.config.target).decodes_to_pixels:
-            pix = self.model.target_encoder.decode(feats.to(self.device)).clamp(-1, 1)
-            arr = ((pix + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
-            return [Image.fromarray(a) for a in arr]
+            return to_pil(self.model.target_encoder.decode(feats.to(self.device)).clamp(-1, 1))
         raise RuntimeError("this checkpoint has no pixel decoder (diffusion-decoder/); use embed() for features")
 
     # -- text -> image ---------------------------------------------------------------------------------

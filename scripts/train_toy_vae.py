@@ -176,15 +176,10 @@ def main(argv=None) -> int:
         "threads": torch.get_num_threads(),
     }
     (out / "train_info.json").write_text(json.dumps(info, indent=2))
-    from PIL import Image
-
-    from blip3o.images import make_grid
+    from blip3o.images import make_grid, to_pil
 
     n = min(8, len(xe))
-    def pil(t):
-        return Image.fromarray(((t.permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).byte().numpy())
-
-    make_grid([pil(t) for t in xe[:n]] + [pil(t) for t in rec[:n]], cols=n).save(out / "recon.png")
+    make_grid(to_pil(xe[:n]) + to_pil(rec[:n]), cols=n).save(out / "recon.png")
     print(f"vae: held-out recon mse {mse01:.5f} ([0,1] px; {psnr:.1f} dB), x0 {tuple(info['x0_shape'])} "
           f"std {info['x0_std']:.2f}; {a.steps} steps in {train_s:.0f}s ({info['s_per_step']:.3f} s/step); "
           f"wrote {out}")
