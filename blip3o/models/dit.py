@@ -72,6 +72,10 @@ class DiTConfig:
     qk_norm: bool = True
     caption_dim: int = 2048  # width of the conditioning tokens (LLM hidden size)
     time_embed_dim: int | None = None  # None -> min(dim, 1024), as hard-coded in Lumina
+    # Initial value of the per-head cross-attention gates (the output is scaled by tanh(gate)). Lumina-Next's 0
+    # starts every block as pure self-attention, which suits long runs from a pretrained DiT; a run of a few
+    # thousand steps from scratch spends them opening the gates (Adam moves a gate by ~lr per step).
+    cross_attn_gate_init: float = 0.0
     gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
@@ -229,8 +233,8 @@ class NextDiTBlock(nn.Module):
     def __init__(self, cfg: DiTConfig):
         super().__init__()
         d = cfg.dim
-        # Per-head cross-attention gate, tanh(0) = 0: the block starts as a pure self-attention block.
-        self.gate = nn.Parameter(torch.zeros(cfg.n_heads))
+        # Per-head cross-attention gate; at the default tanh(0) = 0 the block starts as pure self-attention.
+        self.gate = nn.Parameter(torch.full((cfg.n_heads,), float(cfg.cross_attn_gate_init)))
         self.attn1 = _Attention(d, d, cfg.n_heads, cfg.n_kv_heads, cfg.qk_norm, with_out=False)
         self.attn2 = _Attention(d, d, cfg.n_heads, cfg.n_kv_heads, cfg.qk_norm, with_out=True)
         self.feed_forward = _SwiGLU(d, cfg.ffn_inner_dim)

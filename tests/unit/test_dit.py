@@ -142,6 +142,20 @@ def test_fresh_model_gates_zero_and_scalar_timestep():
     torch.testing.assert_close(a, b)
 
 
+def test_cross_attn_gate_init_opens_the_gates_and_survives_the_config():
+    model = build_dit("tiny", cross_attn_gate_init=0.5)
+    assert all(torch.all(layer.gate == 0.5) for layer in model.layers)
+    again = build_dit(DiTConfig.from_dict(model.cfg.to_dict()))
+    assert again.cfg.cross_attn_gate_init == 0.5 and all(torch.all(layer.gate == 0.5) for layer in again.layers)
+    # what the option is for: with closed gates (the default) the cross-attention gets no gradient at the first
+    # step; open ones train it from the first step
+    x, t, ctx = _inputs(model.cfg)
+    for gate, learns in ((0.0, False), (0.5, True)):
+        m = build_dit("tiny", cross_attn_gate_init=gate)
+        m(x, t, ctx).square().mean().backward()
+        assert bool(m.layers[0].attn2.to_k.weight.grad.abs().sum() > 0) == learns
+
+
 def test_patch_size_2_roundtrip_and_other_grid():
     model = _tiny(patch_size=2)
     x, t, ctx = _inputs(model.cfg)
