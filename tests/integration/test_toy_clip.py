@@ -48,6 +48,18 @@ def test_save_and_load_through_the_target_encoder_path(tmp_path):
         ToyClipModel(dimm=3)
 
 
+def test_downsample_gives_a_coarser_grid_that_saves_and_loads(tmp_path):
+    torch.manual_seed(0)
+    m = ToyClipModel(downsample=2, dim=48).eval()
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    assert m.image.grid(x).shape == (2, 48, 4, 4)
+    m.save_pretrained(str(tmp_path / "clip"))
+    t = TargetEncoder.from_pretrained(str(tmp_path / "clip"))
+    assert t.grid == (4, 4) and t.channels == 48 and torch.equal(t.encode(x), m.image.grid(x).detach())
+    with pytest.raises(ValueError, match="downsample"):
+        ToyClipTarget(dict(m.config, downsample=5))
+
+
 def test_clip_task_trains_learns_colour_and_saves_a_target(tmp_path, toy_data):
     out = tmp_path / "clip"
     r = subprocess.run([sys.executable, "-m", "blip3o.train", str(ROOT / "configs" / "toy_clip.yaml"),

@@ -60,7 +60,7 @@ def toy_hard_negative_groups() -> List[List[str]]:
 
 
 TOY_CLIP_PRESETS = {  # TARGET_PRESETS["toy_clip"]
-    "tiny": dict(image_size=64, stem=4, widths=[48, 64, 96], dim=32, embed_dim=64, pool="meanmax",
+    "tiny": dict(image_size=64, stem=4, downsample=1, widths=[48, 64, 96], dim=32, embed_dim=64, pool="meanmax",
                  text_width=64, vocab=toy_vocabulary(), hard_negative_groups=toy_hard_negative_groups(),
                  mean=list(HALF), std=list(HALF), interpolation="bicubic", dtype="float32"),
 }
@@ -73,11 +73,16 @@ class ToyClipImageTower(nn.Module):
         super().__init__()
         w1, w2, w3 = c["widths"]
         kw = dict(device=device)
-        # 4x4 patchify stem, then 3x3 convs; one stride-2 conv lands on the 8x8 grid at 64 px.
+        # 4x4 patchify stem, then 3x3 convs; one stride-2 conv lands on the 8x8 grid at 64 px (the default,
+        # downsample 1); each further one (downsample 2: 4x4) halves the grid.
+        extra = []
+        for _ in range(c.get("downsample", 1) - 1):
+            extra += [nn.Conv2d(w3, w3, 3, 2, 1, **kw), nn.GELU()]
         self.net = nn.Sequential(
             nn.Conv2d(3, w1, c["stem"], c["stem"], **kw), nn.GELU(),
             nn.Conv2d(w1, w2, 3, 1, 1, **kw), nn.GELU(),
             nn.Conv2d(w2, w3, 3, 2, 1, **kw), nn.GELU(),
+            *extra,
             nn.Conv2d(w3, w3, 3, 1, 1, **kw), nn.GELU(),
             nn.Conv2d(w3, c["dim"], 1, **kw),
         )
@@ -119,9 +124,11 @@ class ToyClipTarget(TargetEncoder):
     def __init__(self, config: Dict[str, Any], device: Union[str, torch.device, None] = None):
         super().__init__(config)
         c = self.config
-        side = c["image_size"] // c["stem"] // 2
-        if side * c["stem"] * 2 != c["image_size"]:
-            raise ValueError(f"toy_clip: image_size {c['image_size']} is not a multiple of 2 * stem ({c['stem']})")
+        down = 2 ** c.get("downsample", 1)
+        side = c["image_size"] // c["stem"] // down
+        if c.get("downsample", 1) < 1 or side * c["stem"] * down != c["image_size"]:
+            raise ValueError(f"toy_clip: image_size {c['image_size']} is not a multiple of stem ({c['stem']}) x "
+                             f"2^downsample ({c.get('downsample', 1)}), or downsample < 1")
         self.image_size, self.channels, self.grid = c["image_size"], c["dim"], (side, side)
         self.tower = ToyClipImageTower(c, device=device)
         self._freeze()
