@@ -74,6 +74,7 @@ class ModelConfig:
     # Sampling defaults (the original's: docs/decisions.md, "Flow matching").
     num_inference_steps: int = 30
     guidance_scale: float = 3.0
+    guidance_rescale: float = 0.0  # 0 = plain CFG (the original); > 0 pulls guided samples' spread back (sampling.py)
     gradient_checkpointing: bool = True
     max_length: int = 512  # training prompts (with the queries) are cut to this many tokens, as the original
     inference_max_length: int = 0  # 0 = prompts are never cut at inference (the original); > 0 cuts like max_length

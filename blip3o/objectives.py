@@ -129,10 +129,10 @@ class FlowMatching:
     @torch.no_grad()
     def sample_from(self, predict: Predictors, shape: Tuple[int, ...], device, num_steps: int = 30,
                     guidance_scale: float = 3.0, generator: Generators = None,
-                    progress: Optional[Callable] = None) -> torch.Tensor:
+                    progress: Optional[Callable] = None, guidance_rescale: float = 0.0) -> torch.Tensor:
         x = randn_like_per_sample(shape, generator, device, torch.float32)
         return euler_sample(predict, x, self.sigmas(num_steps), guidance_scale, progress=progress,
-                            integer_timesteps=self.integer_timesteps)
+                            integer_timesteps=self.integer_timesteps, guidance_rescale=guidance_rescale)
 
 
 @OBJECTIVES.register("mse")
@@ -159,7 +159,9 @@ class MSERegression:
 
     @torch.no_grad()
     def sample_from(self, predict: Predictors, shape, device, num_steps: int = 1, guidance_scale: float = 1.0,
-                    generator: Generators = None, progress=None) -> torch.Tensor:
+                    generator: Generators = None, progress=None, guidance_rescale: float = 0.0) -> torch.Tensor:
+        if guidance_rescale:
+            raise ValueError("model.guidance_rescale: the mse objective has no sampling trajectory to rescale")
         # Deterministic: seeds and steps do not matter. Guidance extrapolates the two regressions
         # (cond vs uncond), mirroring CFG, and is skipped at 1.0.
         canvas = torch.zeros(shape, device=device)

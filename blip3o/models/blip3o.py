@@ -91,6 +91,7 @@ class Blip3oConfig(PretrainedConfig):
         decoder_path: Optional[str] = None,
         num_inference_steps: int = 30,
         guidance_scale: float = 3.0,
+        guidance_rescale: float = 0.0,
         max_prompt_length: int = 512,
         inference_max_length: int = 0,
         chat_template: str = "chatml",
@@ -120,6 +121,7 @@ class Blip3oConfig(PretrainedConfig):
         self.decoder_path = decoder_path
         self.num_inference_steps = num_inference_steps
         self.guidance_scale = guidance_scale
+        self.guidance_rescale = guidance_rescale
         self.max_prompt_length = max_prompt_length  # training prompts (queries included) are cut to this
         self.inference_max_length = inference_max_length  # 0: never cut at inference, as the original
         self.chat_template = chat_template
@@ -393,7 +395,7 @@ class Blip3oForConditionalGeneration(GeneratorModelMixin, PreTrainedModel):
             zeroed_condition(self._dit, cond.to(dit_dtype), None), shape, cond.device,
             num_steps=num_inference_steps or self.config.num_inference_steps,
             guidance_scale=self.config.guidance_scale if guidance_scale is None else guidance_scale,
-            generator=generator, progress=progress)
+            generator=generator, progress=progress, guidance_rescale=getattr(self.config, "guidance_rescale", 0.0))
         return self.denormalize_target(x.float())
 
     @torch.no_grad()

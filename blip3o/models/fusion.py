@@ -405,7 +405,8 @@ class Blip3oFusionForConditionalGeneration(GeneratorModelMixin, PreTrainedModel)
         c, (h, w) = self.config.target_channels, self.config.target_grid
         x = self.objective.sample_from(predict, (b, c, h, w), dev,
                                        num_steps=num_inference_steps or self.config.num_inference_steps,
-                                       guidance_scale=g, generator=generator, progress=progress)
+                                       guidance_scale=g, generator=generator, progress=progress,
+                                       guidance_rescale=getattr(self.config, "guidance_rescale", 0.0))
         return self.denormalize_target(x.float())
 
     @torch.no_grad()

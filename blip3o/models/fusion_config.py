@@ -37,6 +37,7 @@ class FusionConfig(PretrainedConfig):
         lora_alpha: float = 16.0,
         num_inference_steps: int = 30,
         guidance_scale: float = 3.0,
+        guidance_rescale: float = 0.0,
         max_prompt_length: int = 512,
         chat_template: str = "chatml",
         img_token_id: Optional[int] = None,
@@ -70,6 +71,7 @@ class FusionConfig(PretrainedConfig):
         self.lora_alpha = lora_alpha
         self.num_inference_steps = num_inference_steps
         self.guidance_scale = guidance_scale
+        self.guidance_rescale = guidance_rescale
         self.max_prompt_length = max_prompt_length
         self.chat_template = chat_template
         self.img_token_id = img_token_id

@@ -334,3 +334,27 @@ def test_guidance_interface_batched_equals_separate():
                                    euler_sample(Predictors(cond=p.cond, uncond=p.uncond), x, sigmas, 3.0))
     with pytest.raises(ValueError, match="guidance needs Predictors.both"):
         Predictors(cond=p.cond)(x, t, 3.0)
+
+
+def test_guidance_rescale_matches_its_definition_and_pulls_the_spread_back():
+    """Guidance rescale: 0 is plain CFG; 1 gives the guided x0 exactly the conditional x0's per-sample std; the
+    sampler applies it at each step's sigma; the config carries it to generate_features."""
+    from blip3o.sampling import Predictors, euler_sample, guided, rescale_guided, zeroed_condition
+
+    model = _tiny().eval()
+    x, t, ctx = _inputs(model.cfg)
+    p = zeroed_condition(model, ctx, None)
+    with torch.no_grad():
+        c, u = p.both(x, t)
+        g = guided(c, u, 9.0)
+        torch.testing.assert_close(p(x, t, 9.0, 0.0, 0.7), g)
+        full = p(x, t, 9.0, 1.0, 0.7)
+        x0_c, x0_r = x - 0.7 * c, x - 0.7 * full
+        torch.testing.assert_close(x0_r.std((1, 2, 3)), x0_c.std((1, 2, 3)))
+        half = rescale_guided(g, c, x, 0.7, 0.5)
+        torch.testing.assert_close(half, 0.5 * (g + full))
+        sigmas = torch.tensor([1.0, 0.5, 0.0])
+        plain, resc = euler_sample(p, x, sigmas, 9.0), euler_sample(p, x, sigmas, 9.0, guidance_rescale=0.7)
+        assert resc.std() < plain.std()
+    with pytest.raises(ValueError, match="sigma"):
+        p(x, t, 9.0, 0.5, 0.0)

@@ -106,6 +106,22 @@ def test_sampling_seeds_batching_and_one_forward_per_step():
         model.generate_features(["  "])
 
 
+def test_guidance_rescale_comes_from_the_config_and_survives_saving(tmp_path):
+    model, _ = tiny(guidance_scale=9.0, guidance_rescale=1.0)
+    assert model.config.guidance_rescale == 1.0
+    model.save_pretrained(tmp_path / "m")
+    loaded = Blip3oForConditionalGeneration.from_pretrained(tmp_path / "m").eval()
+    assert loaded.config.guidance_rescale == 1.0
+    gens = lambda: [torch.Generator().manual_seed(i) for i in range(2)]  # noqa: E731
+    rescaled = loaded.generate_features(PROMPTS[:2], generator=gens(), num_inference_steps=4)
+    loaded.config.guidance_rescale = 0.0
+    plain = loaded.generate_features(PROMPTS[:2], generator=gens(), num_inference_steps=4)
+    assert (rescaled - plain).abs().max() > 1e-4  # the setting reaches the sampler
+    with pytest.raises(ValueError, match="guidance_rescale"):
+        mse, _ = tiny(objective="mse", guidance_rescale=0.5)
+        mse.eval().generate_features(PROMPTS[:1])
+
+
 def test_mse_is_deterministic_regression():
     model, _ = tiny(objective="mse")
     model.eval()

@@ -1,0 +1,119 @@
+"""Sampling-time study of a trained toy generator on a *development* prompt set, never the evaluation prompts.
+
+The development prompts are drawn from the toy grammar with seed 1 (``toy.eval_scenes(1, per_tag)``: streams
+``(1, "eval", tag, i)``), which neither training (``(0, "train", i)``) nor the scored evaluation set (seed 0) uses,
+so settings chosen here are not tuned on what ``bash run.sh`` reports. For each sampling variant it reports the
+end-to-end toy score (through the run's decoder), the toy-CLIP rank of the generated features and their statistics
+against the ground-truth features of the same scenes, beside the decoder's ceiling on those scenes.
+
+    OMP_NUM_THREADS=2 python benchmarks/toy_dev.py outputs/toy --per-tag 24 --variants cfg:9 cfg:6 rescale:9:0.7
+    # variants: cfg:G | rescale:G:PHI (CFG, then the x0 prediction's std pulled back towards the conditional one) |
+    #           interval:G:LO:HI (CFG only for sigma in [LO, HI], conditional elsewhere) | steps suffix @N
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from blip3o.data import toy
+from blip3o.eval.toy import score_image
+from blip3o.eval.toy_stages import _decode, _images_to_target, _tag_scores, clip_rank_score, feature_stats
+from blip3o.models.targets import ToyClipModel
+from blip3o.pipeline import Blip3oPipeline
+from blip3o.sampling import rescale_guided
+from blip3o.objectives import randn_like_per_sample
+
+
+def dev_set(per_tag: int, seed: int = 1):
+    scenes = toy.eval_scenes(seed, per_tag)
+    rows = []
+    for s in scenes:
+        r = toy.eval_row(s)
+        r.setdefault("prompt", toy.short_caption(s))
+        rows.append(r)
+    return rows, scenes
+
+
+def parse(variant: str):
+    body, _, steps = variant.partition("@")
+    kind, *nums = body.split(":")
+    return kind, [float(n) for n in nums], int(steps) if steps else None
+
+
+@torch.no_grad()
+def sample(model, prompts, variant: str, per: int, seed: int = 0) -> torch.Tensor:
+    kind, nums, steps = parse(variant)
+    g = nums[0]
+    enc = model.tokenize_prompts(prompts)
+    cond = model.encode_condition(enc["input_ids"], enc["attention_mask"]).repeat_interleave(per, 0)
+    gens = [torch.Generator().manual_seed(seed + k) for _ in prompts for k in range(per)]
+    shape = (cond.shape[0], model.config.target_channels, *model.config.target_grid)
+    x = randn_like_per_sample(shape, gens, cond.device, torch.float32)
+    obj = model.objective
+    sigmas = obj.sigmas(steps or model.config.num_inference_steps)
+    both_cond = torch.cat([torch.zeros_like(cond), cond])
+    for i in range(len(sigmas) - 1):
+        s, s_next = float(sigmas[i]), float(sigmas[i + 1])
+        t = sigmas[i:i + 1].float() * 1000.0
+        if obj.integer_timesteps:
+            t = t.long().float()
+        t = t.repeat(x.shape[0])
+        v = model._dit(torch.cat([x, x]), torch.cat([t, t]), both_cond, None).float()
+        v_u, v_c = v.chunk(2)
+        scale = g
+        if kind == "interval" and not (nums[1] <= s <= nums[2]):
+            scale = 1.0
+        v_g = v_u + scale * (v_c - v_u)
+        if kind == "rescale":
+            v_g = rescale_guided(v_g, v_c, x, s, nums[1])
+        x = x + (s_next - s) * v_g
+    return model.denormalize_target(x)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run")
+    p.add_argument("--model", default=None)
+    p.add_argument("--per-tag", type=int, default=24)
+    p.add_argument("--samples-per-prompt", type=int, default=1)
+    p.add_argument("--variants", nargs="+", default=["cfg:9"])
+    p.add_argument("--decoder-steps", type=int, default=None, help="the decoder's sampling steps (default: its own)")
+    p.add_argument("--out", default=None, help="JSON lines appended here")
+    a = p.parse_args(argv)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+    run = Path(a.run)
+    pipe = Blip3oPipeline.from_pretrained(a.model or str(run / "model"), device="cpu")
+    model = pipe.model
+    rows, scenes = dev_set(a.per_tag)
+    gt = _images_to_target(model.target_encoder, [toy.render(s) for s in scenes])
+    clip = ToyClipModel.from_pretrained(str(run / "clip"))
+    per = a.samples_per_prompt
+    ims = _decode(pipe, gt, 10 ** 6, a.decoder_steps)
+    ceiling = _tag_scores([score_image(im, r)[0] for im, r in zip(ims, rows)], rows, 1)
+    print(f"dev set: {len(rows)} prompts; decoder ceiling {ceiling['overall']:.3f} {ceiling['tags']}", flush=True)
+    for v in a.variants:
+        t0 = time.time()
+        feats = torch.cat([sample(model, [r["prompt"] for r in rows[i:i + 24]], v, per) for i in range(0, len(rows), 24)])
+        ims = _decode(pipe, feats, 0, a.decoder_steps)
+        e2e = _tag_scores([score_image(im, rows[i // per])[0] for i, im in enumerate(ims)], rows, per)
+        rank = clip_rank_score(clip, feats, rows, per)
+        fs = feature_stats(feats, gt)
+        rec = {"run": str(run), "variant": v, "e2e": e2e["overall"], "e2e_tags": e2e["tags"], "rank": rank["overall"],
+               "rank_tags": rank["tags"], "ceiling": ceiling["overall"], **fs, "seconds": time.time() - t0,
+               "load": os.getloadavg()[0]}
+        print(f"{v:>22}: e2e {rec['e2e']:.3f} rank {rec['rank']:.3f} std {fs['std_ratio']:.2f} "
+              f"shift {fs['mean_shift']:.2f} | " + " ".join(f"{k[:5]}={x:.2f}" for k, x in e2e["tags"].items()), flush=True)
+        if a.out:
+            with open(a.out, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
