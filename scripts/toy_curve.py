@@ -9,7 +9,9 @@ For each budget T it takes the last decoder and generator checkpoints whose trai
 in trainer_state.json, the clock ``train.max_minutes`` counts) is within T minutes, loads them (the generator's
 EMA weights, as the final model would have), samples the evaluation prompts in GenEval layout exactly as
 ``scripts/toy_world.py`` does and scores them. With a constant learning rate (the toy configs) the T-minute
-checkpoints are what a T-minute run would have produced. Writes OUT/curve.json and OUT/curve.png.
+checkpoints are what a T-minute run would have produced. Each point also carries the decoder's ceiling at that
+time (the evaluation scenes' ground-truth features through that checkpoint's decoder). Writes OUT/curve.json and
+OUT/curve.png.
 """
 from __future__ import annotations
 
@@ -75,6 +77,8 @@ def plot(points, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(5.5, 3.5))
     xs = [p["minutes"] for p in points]
     ax.plot(xs, [p["overall"] for p in points], "o-", label="overall", lw=2)
+    if all("ceiling" in p for p in points):
+        ax.plot(xs, [p["ceiling"] for p in points], "s-", label="decoder ceiling", lw=2, color="k")
     for tag in points[0]["tags"]:
         ax.plot(xs, [p["tags"][tag] for p in points], ".--", label=tag, alpha=0.7)
     ax.set_xlabel("training minutes (decoder and generator side by side)")
@@ -102,8 +106,10 @@ def main(argv=None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 
+    from blip3o.data import toy
     from blip3o.eval.geneval import generate_geneval, read_prompt_rows
-    from blip3o.eval.toy import score_dir
+    from blip3o.eval.toy import score_dir, score_image
+    from blip3o.eval.toy_stages import _decode, _images_to_target, _tag_scores, eval_ground_truth
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     run = Path(a.run)
@@ -132,13 +138,20 @@ def main(argv=None) -> int:
                          num_inference_steps=a.steps, guidance_scale=a.guidance,
                          decoder_guidance_scale=a.decoder_guidance)
         s = score_dir(str(samples))
+        # the decoder's ceiling at this point: the evaluation scenes' ground-truth features through this decoder
+        _, scenes = eval_ground_truth(prompts, limit=a.eval_limit)
+        gt = _images_to_target(pipe.model.target_encoder, [toy.render(sc) for sc in scenes])
+        ims = _decode(pipe, gt, 10 ** 6, a.steps)
+        ceiling = _tag_scores([score_image(im, r)[0] for im, r in zip(ims, rows)], rows, 1)
         point = {"minutes": m, "tag": a.tag, "guidance": a.guidance, "decoder_guidance": a.decoder_guidance,
-                 "overall": s["overall"], "tags": s["tags"], "decoder_step": d[1],
+                 "overall": s["overall"], "tags": s["tags"], "ceiling": ceiling["overall"],
+                 "ceiling_tags": ceiling["tags"], "decoder_step": d[1],
                  "decoder_train_s": d[0], "generator_step": g[1], "generator_train_s": g[0],
                  "sample_s": time.time() - t}
         points = sorted([q for q in points if (q["minutes"], q.get("tag", "")) != (m, a.tag)] + [point],
                         key=lambda q: (q.get("tag", ""), q["minutes"]))
         print(f"[{m:g} min{a.tag}] decoder step {d[1]}, generator step {g[1]}: overall {s['overall']:.3f} "
+              f"(decoder ceiling {ceiling['overall']:.3f}) "
               + " ".join(f"{k}={v:.2f}" for k, v in s["tags"].items()), flush=True)
         (out / "curve.json").write_text(json.dumps(points, indent=2))
     main_curve = [q for q in points if not q.get("tag")]  # sweeps (--tag) stay in curve.json only
