@@ -1,7 +1,8 @@
 """Toy score versus training minutes, from the checkpoints of one toy-world run.
 
-    # a 60-minute toy run that keeps a checkpoint every 50 steps (decoder and generator side by side) ...
-    python scripts/toy_world.py --out outputs/toy60 train.max_minutes=60 train.save_steps=50 train.save_total_limit=0
+    # a 60-minute toy run that keeps a checkpoint every 250 steps (decoder and generator side by side) ...
+    python scripts/toy_world.py --out outputs/toy60 train.max_minutes=60 train.save_steps=250 train.save_total_limit=0 \
+        decoder.train.max_steps=50000 gen.train.max_steps=50000
     # ... scored at 5, 15, 30 and 60 minutes of training
     python scripts/toy_curve.py outputs/toy60 --minutes 5 15 30 60
 
