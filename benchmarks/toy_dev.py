@@ -18,26 +18,20 @@ import os
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from blip3o.data import toy
 from blip3o.eval.toy import score_image
-from blip3o.eval.toy_stages import _decode, _images_to_target, _tag_scores, clip_rank_score, feature_stats
+from blip3o.eval.toy_stages import (_decode, _images_to_target, _tag_scores, clip_rank_score, decoder_ceiling,
+                                    feature_stats)
 from blip3o.models.targets import ToyClipModel
 from blip3o.pipeline import Blip3oPipeline
-from blip3o.sampling import rescale_guided
-from blip3o.objectives import randn_like_per_sample
+from blip3o.sampling import zeroed_condition
 
 
 def dev_set(per_tag: int, seed: int = 1):
     scenes = toy.eval_scenes(seed, per_tag)
-    rows = []
-    for s in scenes:
-        r = toy.eval_row(s)
-        r.setdefault("prompt", toy.short_caption(s))
-        rows.append(r)
-    return rows, scenes
+    return [toy.eval_row(s) for s in scenes], scenes
 
 
 def parse(variant: str):
@@ -48,32 +42,24 @@ def parse(variant: str):
 
 @torch.no_grad()
 def sample(model, prompts, variant: str, per: int, seed: int = 0) -> torch.Tensor:
+    """The model's own sampler (``generate_features``); only the guidance interval is added here, by wrapping
+    the predictor the Euler loop calls with the step's sigma."""
     kind, nums, steps = parse(variant)
-    g = nums[0]
     enc = model.tokenize_prompts(prompts)
     cond = model.encode_condition(enc["input_ids"], enc["attention_mask"]).repeat_interleave(per, 0)
     gens = [torch.Generator().manual_seed(seed + k) for _ in prompts for k in range(per)]
+    guided = zeroed_condition(model._dit, cond, None)
+    predict = guided
+    if kind == "interval":  # CFG only for sigma in [lo, hi], the conditional prediction elsewhere
+        lo, hi = nums[1], nums[2]
+
+        def predict(x, t, scale, rescale, sigma):
+            return guided(x, t, scale if lo <= sigma <= hi else 1.0, rescale, sigma)
     shape = (cond.shape[0], model.config.target_channels, *model.config.target_grid)
-    x = randn_like_per_sample(shape, gens, cond.device, torch.float32)
-    obj = model.objective
-    sigmas = obj.sigmas(steps or model.config.num_inference_steps)
-    both_cond = torch.cat([torch.zeros_like(cond), cond])
-    for i in range(len(sigmas) - 1):
-        s, s_next = float(sigmas[i]), float(sigmas[i + 1])
-        t = sigmas[i:i + 1].float() * 1000.0
-        if obj.integer_timesteps:
-            t = t.long().float()
-        t = t.repeat(x.shape[0])
-        v = model._dit(torch.cat([x, x]), torch.cat([t, t]), both_cond, None).float()
-        v_u, v_c = v.chunk(2)
-        scale = g
-        if kind == "interval" and not (nums[1] <= s <= nums[2]):
-            scale = 1.0
-        v_g = v_u + scale * (v_c - v_u)
-        if kind == "rescale":
-            v_g = rescale_guided(v_g, v_c, x, s, nums[1])
-        x = x + (s_next - s) * v_g
-    return model.denormalize_target(x)
+    x = model.objective.sample_from(predict, shape, cond.device, num_steps=steps or model.config.num_inference_steps,
+                                    guidance_scale=nums[0], generator=gens,
+                                    guidance_rescale=nums[1] if kind == "rescale" else 0.0)
+    return model.denormalize_target(x.float())
 
 
 def main(argv=None) -> int:
@@ -94,8 +80,7 @@ def main(argv=None) -> int:
     gt = _images_to_target(model.target_encoder, [toy.render(s) for s in scenes])
     clip = ToyClipModel.from_pretrained(str(run / "clip"))
     per = a.samples_per_prompt
-    ims = _decode(pipe, gt, 10 ** 6, a.decoder_steps)
-    ceiling = _tag_scores([score_image(im, r)[0] for im, r in zip(ims, rows)], rows, 1)
+    ceiling = decoder_ceiling(pipe, gt, rows, a.decoder_steps)
     print(f"dev set: {len(rows)} prompts; decoder ceiling {ceiling['overall']:.3f} {ceiling['tags']}", flush=True)
     for v in a.variants:
         t0 = time.time()

@@ -109,8 +109,8 @@ def main(argv=None) -> int:
 
     from blip3o.data import toy
     from blip3o.eval.geneval import generate_geneval, read_prompt_rows
-    from blip3o.eval.toy import score_dir, score_image
-    from blip3o.eval.toy_stages import _decode, _images_to_target, _tag_scores, eval_ground_truth
+    from blip3o.eval.toy import score_dir
+    from blip3o.eval.toy_stages import _images_to_target, decoder_ceiling, eval_ground_truth
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     run = Path(a.run)
@@ -122,6 +122,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     # points from earlier invocations stay (score 5 and 15 min while the run is still at 30, then the rest)
     points = json.loads((out / "curve.json").read_text()) if (out / "curve.json").is_file() else []
+    scene_images = None  # the evaluation scenes, rendered once (the frozen target encodes them at each point)
     for m in a.minutes:
         d, g = pick(dec, m), pick(gen, m)
         if d is None or g is None:
@@ -140,10 +141,9 @@ def main(argv=None) -> int:
                          decoder_guidance_scale=a.decoder_guidance)
         s = score_dir(str(samples))
         # the decoder's ceiling at this point: the evaluation scenes' ground-truth features through this decoder
-        _, scenes = eval_ground_truth(prompts, limit=a.eval_limit)
-        gt = _images_to_target(pipe.model.target_encoder, [toy.render(sc) for sc in scenes])
-        ims = _decode(pipe, gt, 10 ** 6, a.steps)
-        ceiling = _tag_scores([score_image(im, r)[0] for im, r in zip(ims, rows)], rows, 1)
+        if scene_images is None:
+            scene_images = [toy.render(sc) for sc in eval_ground_truth(prompts, limit=a.eval_limit)[1]]
+        ceiling = decoder_ceiling(pipe, _images_to_target(pipe.model.target_encoder, scene_images), rows, a.steps)
         point = {"minutes": m, "tag": a.tag, "guidance": a.guidance, "decoder_guidance": a.decoder_guidance,
                  "overall": s["overall"], "tags": s["tags"], "ceiling": ceiling["overall"],
                  "ceiling_tags": ceiling["tags"], "decoder_step": d[1],

@@ -72,6 +72,12 @@ def _decode(pipe, feats: torch.Tensor, seed: int, steps: Optional[int]) -> List[
     return pipe.decode(feats, gens, num_inference_steps=steps)
 
 
+def decoder_ceiling(pipe, gt: torch.Tensor, rows, steps: Optional[int] = None, seed: int = 10 ** 6):
+    """The decoder alone: ground-truth features ``gt`` of the scenes behind ``rows``, decoded and scored."""
+    ims = _decode(pipe, gt, seed, steps)
+    return _tag_scores([score_image(im, r)[0] for im, r in zip(ims, rows)], rows, 1)
+
+
 def training_bank(target, n: int, seed: int = 0, batch: int = 256):
     """Features and images of the first ``n`` training scenes (rendered, not read from shards)."""
     feats, images = [], []
@@ -131,8 +137,7 @@ def run_stages(run: str, prompts: str, model_dir: Optional[str] = None, samples_
 
     # (a) the decoder's ceiling: ground-truth features of the evaluation scenes, decoded
     if pipe.has_decoder():
-        ims = _decode(pipe, gt, seed + 10 ** 6, decoder_steps)
-        out["ceiling"] = _tag_scores([score_image(im, r)[0] for im, r in zip(ims, rows)], rows, 1)
+        out["ceiling"] = decoder_ceiling(pipe, gt, rows, decoder_steps, seed + 10 ** 6)
 
     # (b) end to end
     score_json = run_p / "score.json"

@@ -395,7 +395,7 @@ class Blip3oForConditionalGeneration(GeneratorModelMixin, PreTrainedModel):
             zeroed_condition(self._dit, cond.to(dit_dtype), None), shape, cond.device,
             num_steps=num_inference_steps or self.config.num_inference_steps,
             guidance_scale=self.config.guidance_scale if guidance_scale is None else guidance_scale,
-            generator=generator, progress=progress, guidance_rescale=getattr(self.config, "guidance_rescale", 0.0))
+            generator=generator, progress=progress, guidance_rescale=self.config.guidance_rescale)
         return self.denormalize_target(x.float())
 
     @torch.no_grad()

@@ -406,7 +406,7 @@ class Blip3oFusionForConditionalGeneration(GeneratorModelMixin, PreTrainedModel)
         x = self.objective.sample_from(predict, (b, c, h, w), dev,
                                        num_steps=num_inference_steps or self.config.num_inference_steps,
                                        guidance_scale=g, generator=generator, progress=progress,
-                                       guidance_rescale=getattr(self.config, "guidance_rescale", 0.0))
+                                       guidance_rescale=self.config.guidance_rescale)
         return self.denormalize_target(x.float())
 
     @torch.no_grad()

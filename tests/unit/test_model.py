@@ -117,8 +117,8 @@ def test_guidance_rescale_comes_from_the_config_and_survives_saving(tmp_path):
     loaded.config.guidance_rescale = 0.0
     plain = loaded.generate_features(PROMPTS[:2], generator=gens(), num_inference_steps=4)
     assert (rescaled - plain).abs().max() > 1e-4  # the setting reaches the sampler
+    mse, _ = tiny(objective="mse", guidance_rescale=0.5)
     with pytest.raises(ValueError, match="guidance_rescale"):
-        mse, _ = tiny(objective="mse", guidance_rescale=0.5)
         mse.eval().generate_features(PROMPTS[:1])
 
 

@@ -124,11 +124,11 @@ class ToyClipTarget(TargetEncoder):
     def __init__(self, config: Dict[str, Any], device: Union[str, torch.device, None] = None):
         super().__init__(config)
         c = self.config
-        down = 2 ** c.get("downsample", 1)
-        side = c["image_size"] // c["stem"] // down
-        if c.get("downsample", 1) < 1 or side * c["stem"] * down != c["image_size"]:
+        n = c.get("downsample", 1)  # toy CLIPs saved before the setting existed have one stride-2 conv
+        side = c["image_size"] // c["stem"] // 2 ** n
+        if n < 1 or side * c["stem"] * 2 ** n != c["image_size"]:
             raise ValueError(f"toy_clip: image_size {c['image_size']} is not a multiple of stem ({c['stem']}) x "
-                             f"2^downsample ({c.get('downsample', 1)}), or downsample < 1")
+                             f"2^downsample ({n}), or downsample < 1")
         self.image_size, self.channels, self.grid = c["image_size"], c["dim"], (side, side)
         self.tower = ToyClipImageTower(c, device=device)
         self._freeze()

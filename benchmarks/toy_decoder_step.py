@@ -1,0 +1,55 @@
+"""Training-step time of the toy decoder (tiny SDXL UNet on pixel-unshuffled 64 px images), with and without
+its attention blocks: the measurement behind configs/toy_decoder.yaml's attention-free UNet.
+
+    OMP_NUM_THREADS=1 python benchmarks/toy_decoder_step.py --feature-dim 32 --tokens 64   # the 8x8 toy CLIP
+    OMP_NUM_THREADS=1 python benchmarks/toy_decoder_step.py --feature-dim 64 --tokens 16   # the 4x4 one
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import torch
+
+from blip3o.decoders import build_decoder
+from blip3o.decoders.sdxl import sdxl_training_loss
+
+NO_ATTENTION = dict(down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                    mid_block_type="UNetMidBlock2D")
+VARIANTS = {"with attention (tiny preset)": {}, "attention-free (toy default)": NO_ATTENTION}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--feature-dim", type=int, default=32)
+    p.add_argument("--tokens", type=int, default=64)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--repeats", type=int, default=5)
+    a = p.parse_args(argv)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    images = torch.rand(a.batch, 3, 64, 64) * 2 - 1
+    feats = torch.randn(a.batch, a.tokens, a.feature_dim)
+    for name, unet_config in VARIANTS.items():
+        torch.manual_seed(0)
+        pipe = build_decoder("sdxl", preset="tiny", feature_dim=a.feature_dim, num_tokens=a.tokens, vae="pixel",
+                             spatial_features=True, unet_config=unet_config)
+        parts = {"unet": pipe.unet, "vae": pipe.vae, "scheduler": pipe.scheduler, "null_condition": pipe.null_condition}
+        pipe.unet.train()
+
+        def step():
+            out = sdxl_training_loss(parts, images, feats)
+            (out[0] if isinstance(out, tuple) else out).backward()
+
+        step()  # warm-up
+        t = time.perf_counter()
+        for _ in range(a.repeats):
+            step()
+        params = sum(q.numel() for q in pipe.unet.parameters())
+        print(f"{name}: {(time.perf_counter() - t) / a.repeats:.3f} s/step at batch {a.batch}, "
+              f"{params / 1e6:.2f}M parameters", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
