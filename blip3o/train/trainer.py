@@ -109,6 +109,10 @@ class Trainer:
         self.skipped_nonfinite = 0
         self.consecutive_nonfinite = 0
         self._stop_signal = None
+        # A launcher running stages side by side on one CPU thread each widens the one left running by
+        # writing a thread count to this file (scripts/toy_world.py). A file, not a signal: a signal sent
+        # before the handler is installed would kill a stage that is still starting up.
+        self._threads_file = os.environ.get("BLIP3O_THREADS_FILE")
         self.ema = EMA(self.named_trainable, t.ema_decay) if t.ema_decay > 0 else None
         self.flops = self.task.flops_per_sample()  # before ZeRO-3 empties the parameters it counts
         self._setup_optimization()
@@ -308,6 +312,15 @@ class Trainer:
     def _on_signal(self, signum, frame):
         self._stop_signal = signum
 
+    def _take_threads(self) -> None:
+        try:
+            n = int(Path(self._threads_file).read_text().strip())
+        except (OSError, ValueError):
+            return  # not written (yet), or half-written: look again later
+        if n > torch.get_num_threads():
+            logger.info("%s: %d -> %d threads at step %d", self._threads_file, torch.get_num_threads(), n, self.step)
+            torch.set_num_threads(n)
+
     # -- the loop -------------------------------------------------------------------------------------
     def train(self) -> Dict[str, Any]:
         t = self.cfg.train
@@ -343,6 +356,8 @@ class Trainer:
         if budget_s and self.train_seconds >= budget_s:  # resumed a run whose time budget is already spent
             logger.info("train.max_minutes=%g already spent at step %d: finishing", t.max_minutes, self.step)
         while self.step < t.max_steps and not (budget_s and self.train_seconds >= budget_s):
+            if self._threads_file and self.step % 10 == 0:
+                self._take_threads()
             step_start = time.perf_counter()
             loss_sum, parts_sum, finite = 0.0, {}, True
             accum = t.gradient_accumulation_steps

@@ -177,6 +177,21 @@ def test_max_minutes_stops_saves_and_counts_across_resume(toy_data, tmp_path):
         load_config(ROOT / "configs" / "toy.yaml", ["train.max_minutes=-1"])
 
 
+def test_threads_file_widens_a_running_stage(toy_data, tmp_path):
+    """scripts/toy_world.py hands a finished stage's core to the one still running through this file."""
+    threads = tmp_path / "threads"
+    env = dict(run_env(), BLIP3O_THREADS_FILE=str(threads))
+    out = tmp_path / "widened"
+    r = subprocess.run(train_cmd(toy_data, out, steps=12), env=env, capture_output=True, text=True, timeout=300,
+                       cwd=ROOT)  # no file: stays on its one thread
+    assert r.returncode == 0 and "threads at step" not in r.stderr, r.stderr[-2000:]
+    threads.write_text("2\n")
+    r = subprocess.run(train_cmd(toy_data, tmp_path / "widened2", steps=12), env=env, capture_output=True,
+                       text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "1 -> 2 threads at step 0" in r.stderr
+
+
 class _WritesAFile:
     """A pickle that runs code when loaded without weights_only: it would create `marker`."""
 
