@@ -9,6 +9,8 @@ against the ground-truth features of the same scenes, beside the decoder's ceili
     OMP_NUM_THREADS=2 python benchmarks/toy_dev.py outputs/toy --per-tag 24 --variants cfg:9 cfg:6 rescale:9:0.7
     # variants: cfg:G | rescale:G:PHI (CFG, then the x0 prediction's std pulled back towards the conditional one) |
     #           interval:G:LO:HI (CFG only for sigma in [LO, HI], conditional elsewhere) | steps suffix @N
+    OMP_NUM_THREADS=2 python benchmarks/toy_dev.py outputs/toy --checkpoint outputs/toy/model/checkpoint-1000
+    # an earlier point of the generator (its EMA weights) through the run's final decoder: does it still improve?
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ from blip3o.eval.toy_stages import (_decode, _images_to_target, _tag_scores, cli
 from blip3o.models.targets import ToyClipModel
 from blip3o.pipeline import Blip3oPipeline
 from blip3o.sampling import zeroed_condition
+from scripts.toy_curve import checkpoint_weights
 
 
 def dev_set(per_tag: int, seed: int = 1):
@@ -66,6 +69,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run")
     p.add_argument("--model", default=None)
+    p.add_argument("--checkpoint", default=None,
+                   help="a generator checkpoint dir (RUN/model/checkpoint-N) to sample instead of the final weights")
     p.add_argument("--per-tag", type=int, default=24)
     p.add_argument("--samples-per-prompt", type=int, default=1)
     p.add_argument("--variants", nargs="+", default=["cfg:9"])
@@ -76,6 +81,13 @@ def main(argv=None) -> int:
     run = Path(a.run)
     pipe = Blip3oPipeline.from_pretrained(a.model or str(run / "model"), device="cpu")
     model = pipe.model
+    if a.checkpoint:  # an earlier point of the run, through the run's final decoder
+        sd = checkpoint_weights(Path(a.checkpoint))
+        missing = {n for n, q in model.named_parameters() if q.requires_grad} - set(sd)
+        unexpected = model.load_state_dict(sd, strict=False).unexpected_keys
+        if missing or unexpected:
+            raise SystemExit(f"error: {a.checkpoint} does not fit the model (missing {sorted(missing)[:3]}, "
+                             f"unexpected {unexpected[:3]})")
     rows, scenes = dev_set(a.per_tag)
     gt = _images_to_target(model.target_encoder, [toy.render(s) for s in scenes])
     clip = ToyClipModel.from_pretrained(str(run / "clip"))
@@ -89,7 +101,7 @@ def main(argv=None) -> int:
         e2e = _tag_scores([score_image(im, rows[i // per])[0] for i, im in enumerate(ims)], rows, per)
         rank = clip_rank_score(clip, feats, rows, per)
         fs = feature_stats(feats, gt)
-        rec = {"run": str(run), "variant": v, "e2e": e2e["overall"], "e2e_tags": e2e["tags"], "rank": rank["overall"],
+        rec = {"run": str(run), "checkpoint": a.checkpoint, "variant": v, "e2e": e2e["overall"], "e2e_tags": e2e["tags"], "rank": rank["overall"],
                "rank_tags": rank["tags"], "ceiling": ceiling["overall"], **fs, "seconds": time.time() - t0,
                "load": os.getloadavg()[0]}
         print(f"{v:>22}: e2e {rec['e2e']:.3f} rank {rec['rank']:.3f} std {fs['std_ratio']:.2f} "

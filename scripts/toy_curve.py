@@ -42,9 +42,17 @@ def pick(ckpts, minutes: float):
     return within[-1] if within else None
 
 
-def load_pair(dec_ckpt: Path, gen_ckpt: Path):
+def checkpoint_weights(ck: Path):
+    """A checkpoint's trained tensors, its EMA weights where the run kept them (as save_final writes the model)."""
     from safetensors.torch import load_file
 
+    sd = load_file(str(ck / "trainable.safetensors"))
+    if (ck / "ema.safetensors").is_file():
+        sd.update(load_file(str(ck / "ema.safetensors")))
+    return sd
+
+
+def load_pair(dec_ckpt: Path, gen_ckpt: Path):
     from blip3o.config import ExperimentConfig, apply_dict
     from blip3o.models.build import build_model
     from blip3o.pipeline import Blip3oPipeline
@@ -55,13 +63,13 @@ def load_pair(dec_ckpt: Path, gen_ckpt: Path):
         return apply_dict(ExperimentConfig(), json.loads((ck / "trainer_state.json").read_text())["config"])
 
     dtask = DecoderTask(cfg_of(dec_ckpt), DistInfo())
-    dtask.model.load_state_dict(load_file(str(dec_ckpt / "trainable.safetensors")), strict=False)
+    unexpected = dtask.model.load_state_dict(checkpoint_weights(dec_ckpt), strict=False).unexpected_keys
+    if unexpected:
+        raise RuntimeError(f"{dec_ckpt} holds tensors the decoder lacks: {unexpected[:3]}")
     decoder = dtask.pipe
     decoder.denoiser.eval()
     model, _ = build_model(cfg_of(gen_ckpt).model)
-    sd = load_file(str(gen_ckpt / "trainable.safetensors"))
-    if (gen_ckpt / "ema.safetensors").is_file():
-        sd.update(load_file(str(gen_ckpt / "ema.safetensors")))
+    sd = checkpoint_weights(gen_ckpt)
     missing = set(n for n, p in model.named_parameters() if p.requires_grad) - set(sd)
     if missing:
         raise RuntimeError(f"{gen_ckpt} lacks trainable tensors {sorted(missing)[:3]}")

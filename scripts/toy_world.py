@@ -6,7 +6,7 @@ samples of the evaluation prompts -> pixel score. This is what ``bash run.sh`` r
     python scripts/toy_world.py clip.train.max_steps=20 decoder.train.max_steps=50 gen.train.max_steps=100 --out outputs/toy2
 
 Stages: the toy CLIP (configs/toy_clip.yaml, both cores), then the decoder and the generator side by side (one
-core each), both targeting the CLIP's frozen image tower. Writes OUT/clip/ (the toy CLIP), OUT/decoder/ (a decoder dir), OUT/model/ (a self-contained model dir with diffusion-decoder/),
+core each; the one that finishes first hands its core to the other), both targeting the CLIP's frozen image tower. Writes OUT/clip/ (the toy CLIP), OUT/decoder/ (a decoder dir), OUT/model/ (a self-contained model dir with diffusion-decoder/),
 OUT/samples/ (GenEval layout), OUT/score.json, OUT/grid.png, OUT/loss.png and OUT/timings.json.
 Stages whose output already exists are skipped (delete the folder, or pass --fresh, to redo them).
 """

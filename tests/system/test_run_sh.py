@@ -57,3 +57,18 @@ def test_run_sh_toy_default_with_few_steps(tmp_path, toy_data):
     recs = [json.loads(l) for l in dev.read_text().splitlines()]
     assert [x["variant"] for x in recs] == ["cfg:3@2", "rescale:3:0.7@2", "interval:3:0.3:0.9@2"]
     assert all(0.0 <= x["e2e"] <= 1.0 and 0.0 <= x["rank"] <= 1.0 and x["std_ratio"] > 0 for x in recs)
+
+    # an earlier generator checkpoint through the run's final decoder; the decoder's checkpoints carry its EMA
+    # (configs/toy_decoder.yaml), which toy_curve loaded above with a check that every tensor fits
+    assert (out / "decoder" / "checkpoint-1" / "ema.safetensors").is_file()
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "toy_dev.py"), str(out), "--per-tag", "1",
+                        "--checkpoint", str(out / "model" / "checkpoint-1"), "--variants", "cfg:3@2",
+                        "--decoder-steps", "2", "--out", str(dev)], env=env, capture_output=True, text=True,
+                       timeout=600, cwd=ROOT)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    rec = json.loads(dev.read_text().splitlines()[-1])
+    assert rec["checkpoint"].endswith("checkpoint-1") and 0.0 <= rec["e2e"] <= 1.0
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "toy_dev.py"), str(out), "--per-tag", "1",
+                        "--checkpoint", str(out / "decoder" / "checkpoint-1")], env=env, capture_output=True,
+                       text=True, timeout=600, cwd=ROOT)
+    assert r.returncode != 0 and "does not fit the model" in r.stderr.strip().splitlines()[-1], r.stderr[-2000:]
