@@ -134,6 +134,9 @@ class TrainConfig:
     resume_from_checkpoint: Optional[str] = None  # a checkpoint dir or "latest"
     report_to: str = "none"  # none | wandb (offline works: WANDB_MODE=offline)
     ema_decay: float = 0.0  # 0 = no EMA
+    # decay min(ema_decay, (1+n)/(10+n)) at update n (diffusers' EMAModel): early on the average forgets the random
+    # init instead of keeping ema_decay**n of it (the toy decoder: benchmarks/toy_world.md, session 8)
+    ema_warmup: bool = False
     max_nonfinite_steps: int = 5  # consecutive non-finite losses before stopping
     log_sample_keys: bool = False  # write the sample keys each rank consumed (OUTPUT/keys-rank{r}.jsonl)
     device: str = "auto"
@@ -458,6 +461,8 @@ def validate(cfg: ExperimentConfig) -> None:
         raise ConfigError(f"train.max_minutes: must be >= 0 (0 = no time limit), got {t.max_minutes}")
     if t.learning_rate <= 0:
         raise ConfigError(f"train.learning_rate: must be > 0, got {t.learning_rate}")
+    if t.ema_warmup and t.ema_decay <= 0:
+        raise ConfigError("train.ema_warmup: needs an EMA (train.ema_decay > 0)")
     if t.per_device_train_batch_size < 1:
         raise ConfigError(f"train.per_device_train_batch_size: must be >= 1, got {t.per_device_train_batch_size}")
     if m.inference_max_length < 0 or 0 < m.inference_max_length <= m.num_queries + 16:

@@ -113,7 +113,7 @@ class Trainer:
         # writing a thread count to this file (scripts/toy_world.py). A file, not a signal: a signal sent
         # before the handler is installed would kill a stage that is still starting up.
         self._threads_file = os.environ.get("BLIP3O_THREADS_FILE")
-        self.ema = EMA(self.named_trainable, t.ema_decay) if t.ema_decay > 0 else None
+        self.ema = EMA(self.named_trainable, t.ema_decay, t.ema_warmup) if t.ema_decay > 0 else None
         self.flops = self.task.flops_per_sample()  # before ZeRO-3 empties the parameters it counts
         self._setup_optimization()
         self.loader = self.task.build_loader(self.dist.rank, self.dist.world_size, t.seed)
@@ -412,7 +412,7 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
             self.scheduler.step()
             if self.ema is not None:
-                self.ema.update(self.named_trainable)
+                self.ema.update(self.named_trainable, self.step)
             self.step += 1
             bar.update(1)
             step_time = time.perf_counter() - step_start

@@ -233,3 +233,23 @@ def test_ema_swap_restores_live_weights_and_copy_casts():
     assert all(torch.equal(p, live[n]) for n, p in model.named_parameters())
     ema.copy_to(model)
     assert model.weight.dtype == torch.bfloat16 and torch.equal(model.weight, ema.shadow["weight"].to(torch.bfloat16))
+
+
+def test_ema_warmup_forgets_the_init_and_follows_the_step():
+    """train.ema_warmup: decay min(d, (1+n)/(10+n)) at update n, so a short run's average is not the random init."""
+    from blip3o.train.ema import EMA
+
+    assert EMA([], 0.998).decay_at(0) == 0.998
+    warm = EMA([], 0.998, warmup=True)
+    assert warm.decay_at(0) == 0.1 and warm.decay_at(90) == 0.91 and warm.decay_at(10 ** 6) == 0.998
+    model = torch.nn.Linear(4, 3)
+    init = model.weight.detach().clone()
+    plain, warm = EMA(model.named_parameters(), 0.998), EMA(model.named_parameters(), 0.998, warmup=True)
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    for step in range(20):
+        plain.update(model.named_parameters(), step)
+        warm.update(model.named_parameters(), step)
+    # the plain average still holds 0.998**20 = 96% of the init; the warmed one under 1e-4 of it
+    assert torch.allclose(plain.shadow["weight"] - init, torch.full_like(init, 1 - 0.998 ** 20), atol=1e-5)
+    assert torch.allclose(warm.shadow["weight"], model.weight, atol=1e-4)

@@ -57,6 +57,7 @@ def test_presets_and_overrides(tmp_path):
     (["model.inference_max_length=10"], "model.inference_max_length: 0 (no cut)"),
     (["train.lr_scheduler_type=cosine", "train.min_lr=1e-6"], "train.min_lr: only used by"),
     (["data.use_cache=false", "data.cache_dir=/x"], "data.cache_dir: the target-feature cache is off"),
+    (["train.ema_warmup=true"], "train.ema_warmup: needs an EMA"),
 ])
 def test_bad_config_is_one_line_naming_the_field(override, fragment):
     with pytest.raises(ConfigError) as e:
