@@ -29,7 +29,7 @@ from blip3o.eval.toy_stages import (_decode, _images_to_target, _tag_scores, cli
 from blip3o.models.targets import ToyClipModel
 from blip3o.pipeline import Blip3oPipeline
 from blip3o.sampling import zeroed_condition
-from scripts.toy_curve import checkpoint_weights
+from scripts.toy_curve import load_checkpoint
 
 
 def dev_set(per_tag: int, seed: int = 1):
@@ -82,12 +82,10 @@ def main(argv=None) -> int:
     pipe = Blip3oPipeline.from_pretrained(a.model or str(run / "model"), device="cpu")
     model = pipe.model
     if a.checkpoint:  # an earlier point of the run, through the run's final decoder
-        sd = checkpoint_weights(Path(a.checkpoint))
-        missing = {n for n, q in model.named_parameters() if q.requires_grad} - set(sd)
-        unexpected = model.load_state_dict(sd, strict=False).unexpected_keys
-        if missing or unexpected:
-            raise SystemExit(f"error: {a.checkpoint} does not fit the model (missing {sorted(missing)[:3]}, "
-                             f"unexpected {unexpected[:3]})")
+        try:
+            load_checkpoint(model, Path(a.checkpoint))
+        except ValueError as e:
+            raise SystemExit(f"error: {e}")
     rows, scenes = dev_set(a.per_tag)
     gt = _images_to_target(model.target_encoder, [toy.render(s) for s in scenes])
     clip = ToyClipModel.from_pretrained(str(run / "clip"))
@@ -101,8 +99,8 @@ def main(argv=None) -> int:
         e2e = _tag_scores([score_image(im, rows[i // per])[0] for i, im in enumerate(ims)], rows, per)
         rank = clip_rank_score(clip, feats, rows, per)
         fs = feature_stats(feats, gt)
-        rec = {"run": str(run), "checkpoint": a.checkpoint, "variant": v, "e2e": e2e["overall"], "e2e_tags": e2e["tags"], "rank": rank["overall"],
-               "rank_tags": rank["tags"], "ceiling": ceiling["overall"], **fs, "seconds": time.time() - t0,
+        rec = {"run": str(run), "checkpoint": a.checkpoint, "variant": v, "e2e": e2e["overall"],
+               "e2e_tags": e2e["tags"], "rank": rank["overall"], "rank_tags": rank["tags"], "ceiling": ceiling["overall"], **fs, "seconds": time.time() - t0,
                "load": os.getloadavg()[0]}
         print(f"{v:>22}: e2e {rec['e2e']:.3f} rank {rec['rank']:.3f} std {fs['std_ratio']:.2f} "
               f"shift {fs['mean_shift']:.2f} | " + " ".join(f"{k[:5]}={x:.2f}" for k, x in e2e["tags"].items()), flush=True)

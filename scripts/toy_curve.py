@@ -52,6 +52,15 @@ def checkpoint_weights(ck: Path):
     return sd
 
 
+def load_checkpoint(module, ck: Path) -> None:
+    """Loads `checkpoint_weights(ck)` into `module`; raises if a trained tensor is missing or one does not fit."""
+    sd = checkpoint_weights(ck)
+    missing = {n for n, p in module.named_parameters() if p.requires_grad} - set(sd)
+    unexpected = module.load_state_dict(sd, strict=False).unexpected_keys
+    if missing or unexpected:
+        raise ValueError(f"{ck} does not fit the model (missing {sorted(missing)[:3]}, unexpected {unexpected[:3]})")
+
+
 def load_pair(dec_ckpt: Path, gen_ckpt: Path):
     from blip3o.config import ExperimentConfig, apply_dict
     from blip3o.models.build import build_model
@@ -63,17 +72,11 @@ def load_pair(dec_ckpt: Path, gen_ckpt: Path):
         return apply_dict(ExperimentConfig(), json.loads((ck / "trainer_state.json").read_text())["config"])
 
     dtask = DecoderTask(cfg_of(dec_ckpt), DistInfo())
-    unexpected = dtask.model.load_state_dict(checkpoint_weights(dec_ckpt), strict=False).unexpected_keys
-    if unexpected:
-        raise RuntimeError(f"{dec_ckpt} holds tensors the decoder lacks: {unexpected[:3]}")
+    load_checkpoint(dtask.model, dec_ckpt)
     decoder = dtask.pipe
     decoder.denoiser.eval()
     model, _ = build_model(cfg_of(gen_ckpt).model)
-    sd = checkpoint_weights(gen_ckpt)
-    missing = set(n for n, p in model.named_parameters() if p.requires_grad) - set(sd)
-    if missing:
-        raise RuntimeError(f"{gen_ckpt} lacks trainable tensors {sorted(missing)[:3]}")
-    model.load_state_dict(sd, strict=False)
+    load_checkpoint(model, gen_ckpt)
     return Blip3oPipeline(model.eval(), decoder=decoder, device="cpu")
 
 

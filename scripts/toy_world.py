@@ -146,8 +146,8 @@ def main(argv=None) -> int:
                     timings[key] = wait(proc, started, log)
                     pending.remove((key, log, proc, started))
                     # hand its core on (blip3o/train/trainer.py reads the file between steps): the decoder's
-                    # UNet runs 1.8x faster on two threads, the generator's small DiT 1.2x, so the generator
-                    # gets the shorter budget and the decoder the freed core
+                    # UNet runs 1.5-1.8x faster on two threads, the generator's small DiT 1.2x, so the
+                    # generator gets the shorter budget and the decoder the freed core
                     if pending:
                         threads_file.write_text(os.environ["OMP_NUM_THREADS"])
                         timings.setdefault("handover_s", time.time() - t_train)
