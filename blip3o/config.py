@@ -71,6 +71,7 @@ class ModelConfig:
     decoder_kwargs: Dict[str, Any] = field(default_factory=dict)  # build overrides (image_size, vae, prediction, ...)
     decoder_null_prob: float = 0.1  # null-image dropout for the decoder's CFG
     decoder_feature_noise: float = 0.0  # Gaussian noise on input features (robustness to generated features)
+    decoder_time_shift: float = 1.0  # > 1 trains the decoder more at high noise (blip3o/decoders/training.py)
     # Sampling defaults (the original's: docs/decisions.md, "Flow matching").
     num_inference_steps: int = 30
     guidance_scale: float = 3.0
@@ -114,6 +115,9 @@ class TrainConfig:
     # checkpoints and saves its final model as at max_steps. Counted across resumes. Pair it with a constant
     # LR schedule, since a decaying one is laid out over max_steps.
     max_minutes: float = 0.0
+    # The last fraction of max_minutes decays the LR linearly to 0 (a WSD-style cooldown on the wall clock, since a
+    # time-budgeted run cannot lay a decay out over steps it does not know yet); 0 = off.
+    time_cooldown: float = 0.0
     per_device_train_batch_size: int = 16
     gradient_accumulation_steps: int = 1
     learning_rate: float = 1e-4
@@ -234,6 +238,9 @@ def _coerce(value: Any, tp, where: str) -> Any:
     if tp is str:
         if isinstance(value, str):
             return value
+        if isinstance(value, bool):  # YAML 1.1 reads an unquoted no/yes/off/on as a boolean
+            raise ConfigError(f"{where}: expected str, got {value!r} (YAML reads an unquoted no/yes/off/on as a "
+                              f"boolean: quote it, e.g. {where}='\"no\"')")
         raise ConfigError(f"{where}: expected str, got {value!r}")
     return value
 
@@ -452,6 +459,8 @@ def validate(cfg: ExperimentConfig) -> None:
         raise ConfigError(f"model.num_queries: must be >= 1, got {m.num_queries}")
     if not 0.0 <= m.cfg_dropout < 1.0:
         raise ConfigError(f"model.cfg_dropout: must be in [0, 1), got {m.cfg_dropout}")
+    if m.decoder_time_shift <= 0:
+        raise ConfigError(f"model.decoder_time_shift: must be > 0 (1 = uniform), got {m.decoder_time_shift}")
     if m.generator != "blip3o":
         _validate_fusion(m)
     elif m.recipe == "joint" and m.text_loss_weight <= 0:
@@ -461,6 +470,10 @@ def validate(cfg: ExperimentConfig) -> None:
         raise ConfigError(f"train.max_minutes: must be >= 0 (0 = no time limit), got {t.max_minutes}")
     if t.learning_rate <= 0:
         raise ConfigError(f"train.learning_rate: must be > 0, got {t.learning_rate}")
+    if not 0.0 <= t.time_cooldown <= 1.0:
+        raise ConfigError(f"train.time_cooldown: must be in [0, 1] (a fraction of train.max_minutes), got {t.time_cooldown}")
+    if t.time_cooldown > 0 and t.max_minutes <= 0:
+        raise ConfigError("train.time_cooldown: needs a wall-clock budget (train.max_minutes > 0)")
     if t.ema_warmup and t.ema_decay <= 0:
         raise ConfigError("train.ema_warmup: needs an EMA (train.ema_decay > 0)")
     if t.per_device_train_batch_size < 1:
@@ -497,7 +510,8 @@ def _refuse_ignored(cfg: ExperimentConfig) -> None:
     if d.use_cache == "false" and d.cache_dir:
         raise ConfigError("data.cache_dir: the target-feature cache is off (data.use_cache=false)")
     if t.task != "decoder":
-        for name in ("decoder_preset", "decoder_kwargs", "decoder_null_prob", "decoder_feature_noise"):
+        for name in ("decoder_preset", "decoder_kwargs", "decoder_null_prob", "decoder_feature_noise",
+                     "decoder_time_shift"):
             if getattr(m, name) != getattr(default, name):
                 raise ConfigError(f"model.{name}: only used when training a decoder (train.task=decoder)")
     elif d.eval_prompts:

@@ -55,6 +55,37 @@ def attach_decoder(model_dir: Path, dec_dir: Path) -> None:
     cfg_path.write_text(json.dumps(cfg, indent=2))
 
 
+# Seconds kept for what follows training (model saving, sampling the 96 images, the stage table): 40-65 s measured
+# on a fast and a slow 2-core box (benchmarks/toy_world.md), with room to spare.
+RESERVE_S = 75.0
+# The generator stops this much earlier than the decoder, whose UNet gains more from the core it hands over.
+GENERATOR_LEAD_MIN = 0.5
+
+
+def stage_minutes(budget_min: float, elapsed_s: float, parallel: bool, dec_ov, gen_ov):
+    """(decoder, generator) train.max_minutes that fit the run into `budget_min`, given the seconds already spent
+    on data and the toy CLIP; (None, None) when the budget is off, the stages run in a row, or an override sets a
+    stage's max_minutes itself. A faster box gets more minutes, a slower one fewer: the budget is the wall clock."""
+    if budget_min <= 0 or not parallel:
+        return None, None
+    if any(o.startswith("train.max_minutes=") for o in (*dec_ov, *gen_ov)):
+        return None, None
+    left = (budget_min * 60 - elapsed_s - RESERVE_S) / 60
+    if left < 2 * GENERATOR_LEAD_MIN:
+        raise SystemExit(f"--budget-minutes {budget_min}: the data and the toy CLIP took {elapsed_s:.0f} s, which "
+                         "leaves no time to train; raise the budget or pass train.max_minutes=M")
+    return left, left - GENERATOR_LEAD_MIN
+
+
+def native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX): there configs/toy_decoder.yaml's bf16 autocast
+    runs the UNet 1.25-1.5x faster; elsewhere bf16 is emulated and slower than fp32."""
+    import torch
+
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
 def loss_plot(runs, path: Path) -> None:
     import matplotlib
 
@@ -85,6 +116,9 @@ def main(argv=None) -> int:
     p.add_argument("--eval-limit", type=int, default=None, help="score only the first N evaluation prompts")
     p.add_argument("--steps", type=int, default=None, help="sampling steps of the DiT and the decoder")
     p.add_argument("--bank", type=int, default=4000, help="training scenes for the stage table's nearest-neighbour score")
+    p.add_argument("--budget-minutes", type=float, default=14.0,
+                   help="wall-clock budget of the whole run: the decoder and the generator get what the data and the "
+                        "toy CLIP leave of it, less a reserve for sampling and scoring (0: the configs' max_minutes)")
     p.add_argument("--sequential", action="store_true",
                    help="train the decoder, then the generator (default: side by side when there are 2+ cores)")
     a = p.parse_args(argv)
@@ -124,6 +158,14 @@ def main(argv=None) -> int:
     # tensors scale poorly across threads, so two 1-thread processes beat two 2-thread stages in a row).
     parallel = not a.sequential and (os.cpu_count() or 1) >= 2
     threads = 1 if parallel else int(os.environ["OMP_NUM_THREADS"])
+    dec_min, gen_min = stage_minutes(a.budget_minutes, time.time() - t0, parallel, dec_ov, gen_ov)
+    dec_ov = [*([f"train.max_minutes={dec_min:.2f}"] if dec_min else []), *dec_ov]
+    gen_ov = [*([f"train.max_minutes={gen_min:.2f}"] if gen_min else []), *gen_ov]
+    if dec_min:
+        timings["stage_minutes"] = {"decoder": round(dec_min, 2), "generator": round(gen_min, 2)}
+    if not any(o.startswith("train.mixed_precision=") for o in dec_ov) and not native_bf16():
+        dec_ov = ['train.mixed_precision="no"', *dec_ov]  # quoted: YAML reads a bare no as false
+        print("no native bf16 on this CPU: the decoder trains in fp32", flush=True)
     jobs = []
     if not (dec_dir / "model_index.json").is_file():
         jobs.append(("decoder_train_s", "configs/toy_decoder.yaml",

@@ -28,7 +28,9 @@ from blip3o.decoders.components import (
 from blip3o.decoders.io import DecoderLoadError, load_component, read_model_index
 from blip3o.decoders.pipeline import FeatureDecoderPipeline
 from blip3o.decoders.spec import DECODERS, DecoderSpec
-from blip3o.decoders.training import check_inputs, check_prediction, null_features, prepare_features, uniform, unwrap
+from blip3o.decoders.training import (
+    check_inputs, check_prediction, null_features, prepare_features, shift_sigma, uniform, unwrap,
+)
 
 OFFICIAL_REPO = "BLIP3o/SigLIP2_SANA"
 SIGLIP2_DIM = 1152
@@ -206,7 +208,8 @@ class SanaFeatureDecoderPipeline(FeatureDecoderPipeline):
         return cls(**parts, null_condition=null, default_num_inference_steps=int(steps))
 
 
-def sana_training_loss(parts, images, features, generator=None, null_prob=0.1, feature_noise=0.0, prediction=None):
+def sana_training_loss(parts, images, features, generator=None, null_prob=0.1, feature_noise=0.0, prediction=None,
+                       time_shift=1.0):
     """Flow matching on the scheduler's flow sigmas (see blip3o/decoders/training.py)."""
     transformer, vae, scheduler, connector = parts["transformer"], parts["vae"], parts["scheduler"], parts["connector"]
     t_cfg, dtype = unwrap(transformer).config, unwrap(transformer).dtype
@@ -220,6 +223,7 @@ def sana_training_loss(parts, images, features, generator=None, null_prob=0.1, f
     steps = scheduler.config.num_train_timesteps
     # Discrete uniform sigma on {1/T, ..., 1}, as the reference's index into the flow scheduler's sigmas.
     sigma = ((uniform((batch,), generator, device) * steps).floor().clamp_max(steps - 1) + 1) / steps
+    sigma = shift_sigma(sigma, time_shift)
     noise = randn_tensor(x0.shape, generator=generator, device=device)
     s = sigma.view(batch, 1, 1, 1)
     x_t = (1 - s) * x0 + s * noise

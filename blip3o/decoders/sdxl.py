@@ -33,7 +33,9 @@ from blip3o.decoders.components import (
 from blip3o.decoders.io import DecoderLoadError, load_component, read_model_index
 from blip3o.decoders.pipeline import FeatureDecoderPipeline
 from blip3o.decoders.spec import DECODERS, DecoderSpec
-from blip3o.decoders.training import check_inputs, check_prediction, null_features, prepare_features, uniform, unwrap
+from blip3o.decoders.training import (
+    check_inputs, check_prediction, null_features, prepare_features, shift_sigma, uniform, unwrap,
+)
 
 OFFICIAL_REPO = "BLIP3o/BLIP3o-Model-8B"
 OFFICIAL_SUBFOLDER = "diffusion-decoder"
@@ -212,7 +214,8 @@ class SDXLFeatureDecoderPipeline(FeatureDecoderPipeline):
         return cls(**parts, null_condition=null, default_num_inference_steps=int(steps))
 
 
-def sdxl_training_loss(parts, images, features, generator=None, null_prob=0.1, feature_noise=0.0, prediction=None):
+def sdxl_training_loss(parts, images, features, generator=None, null_prob=0.1, feature_noise=0.0, prediction=None,
+                       time_shift=1.0):
     """DDPM noising with the scheduler's alphas_cumprod (see blip3o/decoders/training.py)."""
     unet, vae, scheduler = parts["unet"], parts["vae"], parts["scheduler"]
     unet_cfg, dtype = unwrap(unet).config, unwrap(unet).dtype
@@ -223,7 +226,7 @@ def sdxl_training_loss(parts, images, features, generator=None, null_prob=0.1, f
 
     x0 = encode_to_latents(vae, images)
     device, batch = x0.device, x0.shape[0]
-    t = (uniform((batch,), generator, device) * scheduler.config.num_train_timesteps).long()
+    t = (shift_sigma(uniform((batch,), generator, device), time_shift) * scheduler.config.num_train_timesteps).long()
     t = t.clamp_max(scheduler.config.num_train_timesteps - 1)
     noise = randn_tensor(x0.shape, generator=generator, device=device)
     alpha_bar = scheduler.alphas_cumprod.to(device)[t].view(batch, 1, 1, 1).float()

@@ -29,7 +29,8 @@ class DecoderSpec:
     name: str
     pipeline_class: type  # a FeatureDecoderPipeline subclass whose `kind` is `name`
     build: Callable[..., Any]  # build(preset=..., **kwargs) -> a randomly initialised pipeline
-    # training_loss(parts, images, features, generator, null_prob, feature_noise, prediction) -> (loss, parts)
+    # training_loss(parts, images, features, generator, null_prob, feature_noise, prediction) -> (loss, parts);
+    # a loss that takes a `time_shift` keyword gets it when the config asks for a shift other than 1
     training_loss: Callable[..., Any]
     trained: Tuple[str, ...]  # pipeline modules the reconstruction loss trains, denoiser first
     official_repo: str

@@ -5,7 +5,7 @@ wrapped denoisers), images (B, 3, H, W) in [-1, 1] and their features (B, N, C),
 (loss, parts), calling the loss the decoder's spec registers (`sdxl_training_loss` in sdxl.py,
 `sana_training_loss` in sana.py). The objective always matches the scheduler the pipeline samples with:
 
-* sdxl: DDPM noising with the scheduler's alphas_cumprod, t ~ U{0..T-1}; the UNet sees
+* sdxl: DDPM noising with the scheduler's alphas_cumprod, t ~ U{0..T-1} (optionally shifted: `time_shift`); the UNet sees
   x_t = sqrt(a) x0 + sqrt(1-a) eps (what EulerDiscreteScheduler.scale_model_input produces at sampling
   time) and predicts eps, x0 ("sample") or v, as `scheduler.config.prediction_type` says.
 * sana: flow matching as in the original (docs/decisions.md, "Flow matching"): sigma uniform on {0.001, ..., 1},
@@ -29,6 +29,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from blip3o.decoders.components import calibrate_scaling_factor
 from blip3o.decoders.pipeline import FeatureDecoderPipeline
 from blip3o.decoders.spec import DECODERS, DecoderSpec
+from blip3o.objectives import shift_sigma  # noqa: F401  (the decoder losses' time_shift, as the generator's)
 
 PREDICTION_ALIASES = {
     "epsilon": "epsilon", "eps": "epsilon", "v_prediction": "v_prediction", "v": "v_prediction",
@@ -118,6 +119,7 @@ def decoder_training_loss(
     null_prob: float = 0.1,
     feature_noise: float = 0.0,
     prediction: Optional[str] = None,
+    time_shift: float = 1.0,
 ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """Reconstruction loss of a feature decoder (see module docstring). Returns (loss, parts).
 
@@ -125,9 +127,15 @@ def decoder_training_loss(
         transformer/vae/scheduler/connector (sana) plus null_condition or a `null_features` tensor.
     prediction: None to use the scheduler's prediction_type; otherwise it must match it ("epsilon",
         "v_prediction", "x0" for sdxl; "flow", "x0" for sana).
+    time_shift: the SD3 shift s*u / (1 + (s-1)*u) of the noise level u in [0, 1] (sdxl: the timestep fraction
+        t/T; sana: sigma); s > 1 trains more at high noise, where the features must decide the layout, and
+        less near the clean image, where x0 is a copy of the input. 1.0 = uniform (the originals).
     """
     spec, parts = _as_parts(pipeline_or_modules)
-    return spec.training_loss(parts, images, features, generator, null_prob, feature_noise, prediction)
+    if time_shift <= 0:
+        raise ValueError(f"time_shift must be > 0, got {time_shift}")
+    kwargs = {"time_shift": time_shift} if time_shift != 1.0 else {}  # plugin losses need not know the option
+    return spec.training_loss(parts, images, features, generator, null_prob, feature_noise, prediction, **kwargs)
 
 
 def trained_modules(pipeline: FeatureDecoderPipeline) -> List[torch.nn.Module]:

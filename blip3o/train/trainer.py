@@ -344,6 +344,18 @@ class Trainer:
         finally:
             bar.close()
 
+    def _cool_down(self, budget_s: float) -> None:
+        """train.time_cooldown: scales the scheduler's LR for the next step by the share of the cooldown window
+        (the last time_cooldown * budget seconds) still left; the scheduler resets the LR every step, so the
+        factor never compounds, and a resumed run continues it from its carried train_seconds."""
+        frac = self.cfg.train.time_cooldown
+        self._lr_factor = 1.0
+        if not (frac and budget_s):
+            return
+        self._lr_factor = min(1.0, max(0.0, (budget_s - self.train_seconds) / (frac * budget_s)))
+        for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):
+            group["lr"] = lr * self._lr_factor
+
     def _loop(self, bar, flops, bsz) -> Dict[str, Any]:
         t = self.cfg.train
         it = iter(self.loader)
@@ -353,6 +365,7 @@ class Trainer:
         last = {}
         self.model.train()
         budget_s = 60.0 * t.max_minutes
+        self._cool_down(budget_s)
         if budget_s and self.train_seconds >= budget_s:  # resumed a run whose time budget is already spent
             logger.info("train.max_minutes=%g already spent at step %d: finishing", t.max_minutes, self.step)
         while self.step < t.max_steps and not (budget_s and self.train_seconds >= budget_s):
@@ -417,12 +430,13 @@ class Trainer:
             bar.update(1)
             step_time = time.perf_counter() - step_start
             self.train_seconds += step_time
+            self._cool_down(budget_s)
             if self.step % t.logging_steps == 0 or self.step == t.max_steps:
                 elapsed = time.perf_counter() - window_t
                 sps = window_samples / max(elapsed, 1e-9)
                 skipped = self.loader.stats() if hasattr(self.loader, "stats") else {}
                 rec = {"step": self.step, "loss": all_reduce_mean(loss_sum),
-                       "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm, "samples_per_s": sps,
+                       "lr": self.scheduler.get_last_lr()[0] * self._lr_factor, "grad_norm": grad_norm, "samples_per_s": sps,
                        "step_time_s": step_time, "skipped_samples": int(sum(skipped.values())),
                        "skipped_by_reason": skipped, "nonfinite_skipped": self.skipped_nonfinite,
                        "tflops_trainable": flops["trainable"] * sps / 1e12,

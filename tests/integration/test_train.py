@@ -177,6 +177,26 @@ def test_max_minutes_stops_saves_and_counts_across_resume(toy_data, tmp_path):
         load_config(ROOT / "configs" / "toy.yaml", ["train.max_minutes=-1"])
 
 
+def test_time_cooldown_decays_the_lr_to_zero_over_the_budget_end(toy_data, tmp_path):
+    """train.time_cooldown=1: the LR falls linearly with the seconds trained, from the constant schedule's value
+    at the start to ~0 when the wall-clock budget is spent; the factor never compounds between steps."""
+    out = tmp_path / "cooled"
+    r = run(train_cmd(toy_data, out, "train.max_minutes=0.03", "train.time_cooldown=1.0", "train.logging_steps=1",
+                      "train.lr_scheduler_type=constant", "train.learning_rate=1e-3", "train.save_steps=1000",
+                      steps=2000))
+    assert r.returncode == 0, r.stderr[-2000:]
+    lrs = [json.loads(l)["lr"] for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(lrs) >= 5, lrs  # ~1.8 s of budget: several steps
+    assert all(b <= a for a, b in zip(lrs, lrs[1:])), lrs
+    assert lrs[0] > 0.5e-3 and lrs[-1] < 0.2e-3, lrs
+    from blip3o.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="train.time_cooldown: needs a wall-clock budget"):
+        load_config(ROOT / "configs" / "toy.yaml", ["train.time_cooldown=0.2"])
+    with pytest.raises(ConfigError, match=r"train.time_cooldown: must be in \[0, 1\]"):
+        load_config(ROOT / "configs" / "toy.yaml", ["train.max_minutes=1", "train.time_cooldown=1.5"])
+
+
 def test_threads_file_widens_a_running_stage(toy_data, tmp_path):
     """scripts/toy_world.py hands a finished stage's core to the one still running through this file."""
     threads = tmp_path / "threads"

@@ -311,3 +311,27 @@ def test_sdxl_spatial_feature_conditioning_round_trip_and_layout(tmp_path):
     tok[0, 9, 0] = 1.0  # row 1, col 1 of the 8x8 grid -> latent pixels [2:4, 2:4]
     m = concat_feature_map(lat, tok)[0, 48]
     assert m[2:4, 2:4].eq(1).all() and m.sum() == 4
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_time_shift_moves_training_toward_high_noise(kind):
+    """time_shift > 1 draws noisier training points (sdxl: timesteps, sana: sigmas) from the same uniforms; 1 is
+    the unshifted draw, bit for bit; a non-positive shift is a one-line error."""
+    pipe = build_decoder(kind, feature_dim=DIM)
+    images, f = blob_images(64, seed=0), feats(64)
+    key = "t_mean" if kind == "sdxl" else "sigma_mean"
+
+    def level(**kw):
+        with torch.no_grad():
+            loss, parts = decoder_training_loss(pipe, images, f, generator=torch.Generator().manual_seed(0), **kw)
+        return loss, parts[key].item()
+
+    plain, plain_level = level()
+    same, same_level = level(time_shift=1.0)
+    shifted, shifted_level = level(time_shift=3.0)
+    assert torch.equal(plain, same) and plain_level == same_level
+    # E[3u / (1 + 2u)] = 0.70 for u ~ U[0, 1): the mean level rises from ~0.5 to ~0.7 of the range.
+    scale = 1000.0 if kind == "sdxl" else 1.0
+    assert 0.4 < plain_level / scale < 0.6 and 0.6 < shifted_level / scale < 0.8, (plain_level, shifted_level)
+    with pytest.raises(ValueError, match="time_shift must be > 0"):
+        decoder_training_loss(pipe, images[:1], f[:1], time_shift=0.0)
