@@ -4,10 +4,14 @@ samples of the evaluation prompts -> pixel score. This is what ``bash run.sh`` r
     python scripts/toy_world.py                                # defaults (configs/toy_decoder.yaml, configs/toy_gen.yaml)
     python scripts/toy_world.py train.max_steps=3              # plain overrides go to both training runs
     python scripts/toy_world.py clip.train.max_steps=20 decoder.train.max_steps=50 gen.train.max_steps=100 --out outputs/toy2
+    python scripts/toy_world.py --budget-minutes 20            # a longer run; --budget-minutes 0: the configs' max_minutes
 
 Stages: the toy CLIP (configs/toy_clip.yaml, both cores), then the decoder and the generator side by side (one
-core each; the one that finishes first hands its core to the other), both targeting the CLIP's frozen image tower. Writes OUT/clip/ (the toy CLIP), OUT/decoder/ (a decoder dir), OUT/model/ (a self-contained model dir with diffusion-decoder/),
-OUT/samples/ (GenEval layout), OUT/score.json, OUT/grid.png, OUT/loss.png and OUT/timings.json.
+core each; the one that finishes first hands its core to the other), both targeting the CLIP's frozen image tower,
+for what the wall-clock budget (--budget-minutes, 14) leaves after the data and the CLIP, less a reserve for
+sampling. Writes OUT/clip/ (the toy CLIP), OUT/decoder/ (a decoder dir), OUT/model/ (a self-contained model dir
+with diffusion-decoder/), OUT/samples/ (GenEval layout), OUT/score.json, OUT/grid.png, OUT/loss.png and
+OUT/timings.json.
 Stages whose output already exists are skipped (delete the folder, or pass --fresh, to redo them).
 """
 from __future__ import annotations
@@ -249,7 +253,7 @@ def main(argv=None) -> int:
     print(table(stages))
     print(f"toy score {score['overall']:.3f} " + " ".join(f"{k}={v:.2f}" for k, v in score["tags"].items()))
     print(f"wrote {out}/score.json, grid.png, loss.png; stage times: " +
-          ", ".join(f"{k}={v:.0f}s" for k, v in timings.items()))
+          ", ".join(f"{k}={v:.0f}s" for k, v in timings.items() if isinstance(v, float)))
     return 0
 
 

@@ -19,6 +19,19 @@ from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from blip3o.decoders.components import decode_latents, vae_latent_channels, vae_scale_factor
+
+# The originals' CFG scale (Emu2 / BLIP3-o: 3.0); a decoder folder may carry its own (model_index.json
+# "default_guidance_scale"): the toy decoder renders best unguided (benchmarks/toy_world.md, session 9).
+OFFICIAL_GUIDANCE = 3.0
+
+
+def check_guidance(guidance_scale: Optional[float]) -> float:
+    """A build's default CFG scale: None -> the originals' 3.0; 1 = unguided (one denoiser pass per step)."""
+    if guidance_scale is None:
+        return OFFICIAL_GUIDANCE
+    if guidance_scale < 1:
+        raise ValueError(f"decoder guidance_scale must be >= 1 (1 = no classifier-free guidance), got {guidance_scale}")
+    return float(guidance_scale)
 from blip3o.decoders.io import detect_decoder_kind, resolve_pretrained_dir
 from blip3o.decoders.spec import DECODERS, DecoderSpec
 
@@ -150,7 +163,7 @@ class FeatureDecoderPipeline(DiffusionPipeline):
     def __call__(
         self,
         features: torch.Tensor,
-        guidance_scale: float = 3.0,
+        guidance_scale: Optional[float] = None,
         num_inference_steps: Optional[int] = None,
         height: Optional[int] = None,
         width: Optional[int] = None,
@@ -173,6 +186,8 @@ class FeatureDecoderPipeline(DiffusionPipeline):
             raise ValueError(f"output_type must be 'pil', 'pt', 'np' or 'latent', got '{output_type}'")
         features = self.check_features(features)
         num_inference_steps = int(num_inference_steps or self.config.get("default_num_inference_steps", 50))
+        if guidance_scale is None:
+            guidance_scale = float(self.config.get("default_guidance_scale", OFFICIAL_GUIDANCE))
         height = int(height or self.default_image_size)
         width = int(width or self.default_image_size)
         device = self._execution_device

@@ -26,7 +26,7 @@ from blip3o.decoders.components import (
     encode_to_latents,
 )
 from blip3o.decoders.io import DecoderLoadError, load_component, read_model_index
-from blip3o.decoders.pipeline import FeatureDecoderPipeline
+from blip3o.decoders.pipeline import OFFICIAL_GUIDANCE, FeatureDecoderPipeline, check_guidance
 from blip3o.decoders.spec import DECODERS, DecoderSpec
 from blip3o.decoders.training import (
     check_inputs, check_prediction, null_features, prepare_features, shift_sigma, uniform, unwrap,
@@ -169,12 +169,14 @@ class SanaFeatureDecoderPipeline(FeatureDecoderPipeline):
         connector: SanaFeatureConnector,
         null_condition: NullCondition,
         default_num_inference_steps: int = OFFICIAL_STEPS,
+        default_guidance_scale: float = OFFICIAL_GUIDANCE,
     ):
         super().__init__()
         self.register_modules(
             transformer=transformer, vae=vae, scheduler=scheduler, connector=connector, null_condition=null_condition
         )
-        self.register_to_config(default_num_inference_steps=default_num_inference_steps)
+        self.register_to_config(default_num_inference_steps=default_num_inference_steps,
+                                default_guidance_scale=float(default_guidance_scale))
         self.set_progress_bar_config(disable=True)
 
     @property
@@ -204,8 +206,10 @@ class SanaFeatureDecoderPipeline(FeatureDecoderPipeline):
         null = load_component(root, "null_condition", torch_dtype, variant)
         if null is None:
             null = NullCondition(num_tokens=64, feature_dim=parts["connector"].config.in_dim, source="zeros")
-        steps = read_model_index(root).get("default_num_inference_steps", OFFICIAL_STEPS)
-        return cls(**parts, null_condition=null, default_num_inference_steps=int(steps))
+        index = read_model_index(root)
+        return cls(**parts, null_condition=null,
+                   default_num_inference_steps=int(index.get("default_num_inference_steps", OFFICIAL_STEPS)),
+                   default_guidance_scale=float(index.get("default_guidance_scale", OFFICIAL_GUIDANCE)))
 
 
 def sana_training_loss(parts, images, features, generator=None, null_prob=0.1, feature_noise=0.0, prediction=None,
@@ -251,6 +255,7 @@ def build_sana_decoder(
     scheduler_config: Optional[Dict[str, Any]] = None,
     connector_config: Optional[Dict[str, Any]] = None,
     device: Optional[str] = None,
+    guidance_scale: Optional[float] = None,
 ) -> SanaFeatureDecoderPipeline:
     """A randomly initialised SANA feature decoder.
 
@@ -260,7 +265,8 @@ def build_sana_decoder(
     prediction_type "flow_prediction") or "x0" (the transformer predicts the clean latent; scheduler
     prediction_type "sample", still on flow sigmas; the tiny default, since x0 targets learn far faster on CPU).
     preset "official": Sana 1600M 512px + DC-AE f32c32 + connector 1152->2304, random weights; device="meta"
-    builds it without memory. The *_config dicts override individual config entries.
+    builds it without memory. The *_config dicts override individual config entries. `guidance_scale` is the
+    pipeline's default CFG scale, saved in model_index.json (None: the originals' 3.0).
     """
     if prediction is None:
         prediction = "flow" if preset == "official" else "x0"
@@ -309,7 +315,8 @@ def build_sana_decoder(
         calibrate_scaling_factor(vae_model, image_size, seed=seed)
     scheduler = DPMSolverMultistepScheduler(**s_cfg)
     pipe = SanaFeatureDecoderPipeline(transformer, vae_model, scheduler, connector, null,
-                                      default_num_inference_steps=steps)
+                                      default_num_inference_steps=steps,
+                                      default_guidance_scale=check_guidance(guidance_scale))
     for m in (pipe.transformer, pipe.vae, pipe.connector, pipe.null_condition):
         m.eval()
     return pipe

@@ -31,7 +31,7 @@ from blip3o.decoders.components import (
     encode_to_latents,
 )
 from blip3o.decoders.io import DecoderLoadError, load_component, read_model_index
-from blip3o.decoders.pipeline import FeatureDecoderPipeline
+from blip3o.decoders.pipeline import OFFICIAL_GUIDANCE, FeatureDecoderPipeline, check_guidance
 from blip3o.decoders.spec import DECODERS, DecoderSpec
 from blip3o.decoders.training import (
     check_inputs, check_prediction, null_features, prepare_features, shift_sigma, uniform, unwrap,
@@ -167,10 +167,12 @@ class SDXLFeatureDecoderPipeline(FeatureDecoderPipeline):
         scheduler: EulerDiscreteScheduler,
         null_condition: NullCondition,
         default_num_inference_steps: int = OFFICIAL_STEPS,
+        default_guidance_scale: float = OFFICIAL_GUIDANCE,
     ):
         super().__init__()
         self.register_modules(unet=unet, vae=vae, scheduler=scheduler, null_condition=null_condition)
-        self.register_to_config(default_num_inference_steps=default_num_inference_steps)
+        self.register_to_config(default_num_inference_steps=default_num_inference_steps,
+                                default_guidance_scale=float(default_guidance_scale))
         self.set_progress_bar_config(disable=True)
 
     @property
@@ -210,8 +212,10 @@ class SDXLFeatureDecoderPipeline(FeatureDecoderPipeline):
         null = load_component(root, "null_condition", torch_dtype, variant)
         if null is None:  # official folders carry no null condition: zeros (see module docstring)
             null = NullCondition(num_tokens=64, feature_dim=parts["unet"].config.cross_attention_dim, source="zeros")
-        steps = read_model_index(root).get("default_num_inference_steps", OFFICIAL_STEPS)
-        return cls(**parts, null_condition=null, default_num_inference_steps=int(steps))
+        index = read_model_index(root)
+        return cls(**parts, null_condition=null,
+                   default_num_inference_steps=int(index.get("default_num_inference_steps", OFFICIAL_STEPS)),
+                   default_guidance_scale=float(index.get("default_guidance_scale", OFFICIAL_GUIDANCE)))
 
 
 def sdxl_training_loss(parts, images, features, generator=None, null_prob=0.1, feature_noise=0.0, prediction=None,
@@ -264,6 +268,7 @@ def build_sdxl_decoder(
     vae_config: Optional[Dict[str, Any]] = None,
     scheduler_config: Optional[Dict[str, Any]] = None,
     device: Optional[str] = None,
+    guidance_scale: Optional[float] = None,
 ) -> SDXLFeatureDecoderPipeline:
     """A randomly initialised SDXL feature decoder.
 
@@ -273,7 +278,8 @@ def build_sdxl_decoder(
     prototype found x0 targets learn far faster), "epsilon" (SDXL's, the official default) or "v_prediction".
     preset "official": the full-size Emu2/SDXL architecture with random weights (2.6B UNet); pass
     device="meta" to build it without allocating memory (e.g. to count parameters).
-    The *_config dicts override individual config entries.
+    The *_config dicts override individual config entries. `guidance_scale` is the pipeline's default CFG scale,
+    saved in model_index.json (None: the originals' 3.0; the toy decoder samples best at 1, unguided).
     """
     if prediction is None:
         prediction = "epsilon" if preset == "official" else "sample"
@@ -321,7 +327,8 @@ def build_sdxl_decoder(
     if preset == "tiny" and vae == "kl" and "scaling_factor" not in (vae_config or {}) and device != "meta":
         calibrate_scaling_factor(vae_model, image_size, seed=seed)
     scheduler = EulerDiscreteScheduler(**s_cfg)
-    pipe = SDXLFeatureDecoderPipeline(unet, vae_model, scheduler, null, default_num_inference_steps=steps)
+    pipe = SDXLFeatureDecoderPipeline(unet, vae_model, scheduler, null, default_num_inference_steps=steps,
+                                      default_guidance_scale=check_guidance(guidance_scale))
     for m in (pipe.unet, pipe.vae, pipe.null_condition):
         m.eval()
     return pipe

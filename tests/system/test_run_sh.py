@@ -23,6 +23,9 @@ def test_run_sh_toy_default_with_few_steps(tmp_path, toy_data):
     assert 0.0 <= score["overall"] <= 1.0 and score["images"] == 4
     for f in ("grid.png", "loss.png", "timings.json"):
         assert (out / f).is_file(), f
+    # the stages got what the 14-minute budget left after the data and the toy CLIP (max_steps=2 ends them first)
+    minutes = json.loads((out / "timings.json").read_text())["stage_minutes"]
+    assert 10 < minutes["decoder"] < 14 and abs(minutes["decoder"] - minutes["generator"] - 0.5) < 0.02, minutes
     assert (out / "model" / "diffusion-decoder" / "model_index.json").is_file()
     assert "toy score" in r.stdout
     # the toy CLIP stage ran first, and both later stages target its frozen image tower

@@ -335,3 +335,22 @@ def test_time_shift_moves_training_toward_high_noise(kind):
     assert 0.4 < plain_level / scale < 0.6 and 0.6 < shifted_level / scale < 0.8, (plain_level, shifted_level)
     with pytest.raises(ValueError, match="time_shift must be > 0"):
         decoder_training_loss(pipe, images[:1], f[:1], time_shift=0.0)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_default_guidance_scale_is_saved_and_used(kind, tmp_path):
+    """A build's guidance_scale becomes the pipeline's default CFG scale, survives save/load (model_index.json),
+    and is what a call without guidance_scale uses: 1 gives the unguided images of an explicit guidance_scale=1.
+    Without it, the originals' 3.0; under 1 is a one-line error."""
+    assert build_decoder(kind, feature_dim=DIM).config.default_guidance_scale == 3.0
+    pipe = build_decoder(kind, feature_dim=DIM, guidance_scale=1.0)
+    pipe.save_pretrained(tmp_path)
+    loaded = load_decoder(str(tmp_path))
+    assert loaded.config.default_guidance_scale == 1.0
+    f = feats(1)
+    default = loaded(f, num_inference_steps=STEPS, generator=gens([0]), output_type="pt").images
+    unguided = loaded(f, guidance_scale=1.0, num_inference_steps=STEPS, generator=gens([0]), output_type="pt").images
+    guided = loaded(f, guidance_scale=3.0, num_inference_steps=STEPS, generator=gens([0]), output_type="pt").images
+    assert torch.equal(default, unguided) and not torch.equal(default, guided)
+    with pytest.raises(ValueError, match="guidance_scale must be >= 1"):
+        build_decoder(kind, feature_dim=DIM, guidance_scale=0.5)
