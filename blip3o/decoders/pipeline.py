@@ -25,6 +25,12 @@ from blip3o.decoders.components import decode_latents, vae_latent_channels, vae_
 OFFICIAL_GUIDANCE = 3.0
 
 
+def sampling_defaults(model_index: Dict[str, Any], steps: int) -> Dict[str, Any]:
+    """The sampling defaults a decoder folder's model_index.json carries, else `steps` and the originals' CFG."""
+    return {"default_num_inference_steps": int(model_index.get("default_num_inference_steps", steps)),
+            "default_guidance_scale": float(model_index.get("default_guidance_scale", OFFICIAL_GUIDANCE))}
+
+
 def check_guidance(guidance_scale: Optional[float]) -> float:
     """A build's default CFG scale: None -> the originals' 3.0; 1 = unguided (one denoiser pass per step)."""
     if guidance_scale is None:

@@ -26,7 +26,7 @@ from blip3o.decoders.components import (
     encode_to_latents,
 )
 from blip3o.decoders.io import DecoderLoadError, load_component, read_model_index
-from blip3o.decoders.pipeline import OFFICIAL_GUIDANCE, FeatureDecoderPipeline, check_guidance
+from blip3o.decoders.pipeline import OFFICIAL_GUIDANCE, FeatureDecoderPipeline, check_guidance, sampling_defaults
 from blip3o.decoders.spec import DECODERS, DecoderSpec
 from blip3o.decoders.training import (
     check_inputs, check_prediction, null_features, prepare_features, shift_sigma, uniform, unwrap,
@@ -206,10 +206,7 @@ class SanaFeatureDecoderPipeline(FeatureDecoderPipeline):
         null = load_component(root, "null_condition", torch_dtype, variant)
         if null is None:
             null = NullCondition(num_tokens=64, feature_dim=parts["connector"].config.in_dim, source="zeros")
-        index = read_model_index(root)
-        return cls(**parts, null_condition=null,
-                   default_num_inference_steps=int(index.get("default_num_inference_steps", OFFICIAL_STEPS)),
-                   default_guidance_scale=float(index.get("default_guidance_scale", OFFICIAL_GUIDANCE)))
+        return cls(**parts, null_condition=null, **sampling_defaults(read_model_index(root), OFFICIAL_STEPS))
 
 
 def sana_training_loss(parts, images, features, generator=None, null_prob=0.1, feature_noise=0.0, prediction=None,
