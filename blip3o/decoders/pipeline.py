@@ -19,6 +19,8 @@ from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from blip3o.decoders.components import decode_latents, vae_latent_channels, vae_scale_factor
+from blip3o.decoders.io import detect_decoder_kind, resolve_pretrained_dir
+from blip3o.decoders.spec import DECODERS, DecoderSpec
 
 # The originals' CFG scale (Emu2 / BLIP3-o: 3.0); a decoder folder may carry its own (model_index.json
 # "default_guidance_scale"): the toy decoder renders best unguided (benchmarks/toy_world.md, session 9).
@@ -38,8 +40,7 @@ def check_guidance(guidance_scale: Optional[float]) -> float:
     if guidance_scale < 1:
         raise ValueError(f"decoder guidance_scale must be >= 1 (1 = no classifier-free guidance), got {guidance_scale}")
     return float(guidance_scale)
-from blip3o.decoders.io import detect_decoder_kind, resolve_pretrained_dir
-from blip3o.decoders.spec import DECODERS, DecoderSpec
+
 
 GeneratorArg = Union[torch.Generator, List[torch.Generator], None]
 
