@@ -9,6 +9,7 @@ against the ground-truth features of the same scenes, beside the decoder's ceili
     OMP_NUM_THREADS=2 python benchmarks/toy_dev.py outputs/toy --per-tag 24 --variants cfg:9 cfg:6 rescale:9:0.7
     # variants: cfg:G | rescale:G:PHI (CFG, then the x0 prediction's std pulled back towards the conditional one) |
     #           interval:G:LO:HI (CFG only for sigma in [LO, HI], conditional elsewhere) | steps suffix @N
+    OMP_NUM_THREADS=2 python benchmarks/toy_dev.py outputs/toy --decoder-guidance 3   # the decoder's CFG (default: its own)
     OMP_NUM_THREADS=2 python benchmarks/toy_dev.py outputs/toy --checkpoint outputs/toy/model/checkpoint-1000
     # an earlier point of the generator (its EMA weights) through the run's final decoder: does it still improve?
 """
@@ -75,6 +76,8 @@ def main(argv=None) -> int:
     p.add_argument("--samples-per-prompt", type=int, default=1)
     p.add_argument("--variants", nargs="+", default=["cfg:9"])
     p.add_argument("--decoder-steps", type=int, default=None, help="the decoder's sampling steps (default: its own)")
+    p.add_argument("--decoder-guidance", type=float, default=None,
+                   help="the decoder's CFG scale (default: its folder's default_guidance_scale)")
     p.add_argument("--out", default=None, help="JSON lines appended here")
     a = p.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
@@ -90,17 +93,18 @@ def main(argv=None) -> int:
     gt = _images_to_target(model.target_encoder, [toy.render(s) for s in scenes])
     clip = ToyClipModel.from_pretrained(str(run / "clip"))
     per = a.samples_per_prompt
-    ceiling = decoder_ceiling(pipe, gt, rows, a.decoder_steps)
+    ceiling = decoder_ceiling(pipe, gt, rows, a.decoder_steps, guidance=a.decoder_guidance)
     print(f"dev set: {len(rows)} prompts; decoder ceiling {ceiling['overall']:.3f} {ceiling['tags']}", flush=True)
     for v in a.variants:
         t0 = time.time()
         feats = torch.cat([sample(model, [r["prompt"] for r in rows[i:i + 24]], v, per) for i in range(0, len(rows), 24)])
-        ims = _decode(pipe, feats, 0, a.decoder_steps)
+        ims = _decode(pipe, feats, 0, a.decoder_steps, a.decoder_guidance)
         e2e = _tag_scores([score_image(im, rows[i // per])[0] for i, im in enumerate(ims)], rows, per)
         rank = clip_rank_score(clip, feats, rows, per)
         fs = feature_stats(feats, gt)
-        rec = {"run": str(run), "checkpoint": a.checkpoint, "variant": v, "e2e": e2e["overall"],
-               "e2e_tags": e2e["tags"], "rank": rank["overall"], "rank_tags": rank["tags"], "ceiling": ceiling["overall"], **fs, "seconds": time.time() - t0,
+        rec = {"run": str(run), "checkpoint": a.checkpoint, "variant": v, "decoder_guidance": a.decoder_guidance,
+               "e2e": e2e["overall"], "e2e_tags": e2e["tags"], "rank": rank["overall"], "rank_tags": rank["tags"],
+               "ceiling": ceiling["overall"], **fs, "seconds": time.time() - t0,
                "load": os.getloadavg()[0]}
         print(f"{v:>22}: e2e {rec['e2e']:.3f} rank {rec['rank']:.3f} std {fs['std_ratio']:.2f} "
               f"shift {fs['mean_shift']:.2f} | " + " ".join(f"{k[:5]}={x:.2f}" for k, x in e2e["tags"].items()), flush=True)

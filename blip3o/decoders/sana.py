@@ -28,9 +28,8 @@ from blip3o.decoders.components import (
 from blip3o.decoders.io import DecoderLoadError, load_component, read_model_index
 from blip3o.decoders.pipeline import OFFICIAL_GUIDANCE, FeatureDecoderPipeline, check_guidance, sampling_defaults
 from blip3o.decoders.spec import DECODERS, DecoderSpec
-from blip3o.decoders.training import (
-    check_inputs, check_prediction, null_features, prepare_features, shift_sigma, uniform, unwrap,
-)
+from blip3o.decoders.training import check_inputs, check_prediction, null_features, prepare_features, uniform, unwrap
+from blip3o.objectives import shift_sigma  # the generator's SD3 shift, for the decoder's time_shift
 
 OFFICIAL_REPO = "BLIP3o/SigLIP2_SANA"
 SIGLIP2_DIM = 1152

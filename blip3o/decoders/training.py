@@ -29,7 +29,6 @@ from diffusers.utils.torch_utils import randn_tensor
 from blip3o.decoders.components import calibrate_scaling_factor
 from blip3o.decoders.pipeline import FeatureDecoderPipeline
 from blip3o.decoders.spec import DECODERS, DecoderSpec
-from blip3o.objectives import shift_sigma  # noqa: F401  (the decoder losses' time_shift, as the generator's)
 
 PREDICTION_ALIASES = {
     "epsilon": "epsilon", "eps": "epsilon", "v_prediction": "v_prediction", "v": "v_prediction",

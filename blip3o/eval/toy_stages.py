@@ -67,14 +67,17 @@ def _images_to_target(target, images: Sequence[Image.Image]) -> torch.Tensor:
     return target.encode(target.preprocess(list(images)).to(target.device))
 
 
-def _decode(pipe, feats: torch.Tensor, seed: int, steps: Optional[int]) -> List[Image.Image]:
+def _decode(pipe, feats: torch.Tensor, seed: int, steps: Optional[int],
+            guidance: Optional[float] = None) -> List[Image.Image]:
     gens = [torch.Generator().manual_seed(seed + i) for i in range(feats.shape[0])]
-    return pipe.decode(feats, gens, num_inference_steps=steps)
+    return pipe.decode(feats, gens, guidance_scale=guidance, num_inference_steps=steps)
 
 
-def decoder_ceiling(pipe, gt: torch.Tensor, rows, steps: Optional[int] = None, seed: int = 10 ** 6):
-    """The decoder alone: ground-truth features ``gt`` of the scenes behind ``rows``, decoded and scored."""
-    ims = _decode(pipe, gt, seed, steps)
+def decoder_ceiling(pipe, gt: torch.Tensor, rows, steps: Optional[int] = None, seed: int = 10 ** 6,
+                    guidance: Optional[float] = None):
+    """The decoder alone: ground-truth features ``gt`` of the scenes behind ``rows``, decoded and scored
+    (`guidance`: the decoder's CFG scale; None = its folder's default)."""
+    ims = _decode(pipe, gt, seed, steps, guidance)
     return _tag_scores([score_image(im, r)[0] for im, r in zip(ims, rows)], rows, 1)
 
 

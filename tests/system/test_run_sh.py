@@ -55,11 +55,12 @@ def test_run_sh_toy_default_with_few_steps(tmp_path, toy_data):
     dev = tmp_path / "dev.jsonl"
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "toy_dev.py"), str(out), "--per-tag", "1",
                         "--variants", "cfg:3@2", "rescale:3:0.7@2", "interval:3:0.3:0.9@2", "--decoder-steps", "2",
-                        "--out", str(dev)], env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+                        "--decoder-guidance", "1.5", "--out", str(dev)], env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     recs = [json.loads(l) for l in dev.read_text().splitlines()]
     assert [x["variant"] for x in recs] == ["cfg:3@2", "rescale:3:0.7@2", "interval:3:0.3:0.9@2"]
     assert all(0.0 <= x["e2e"] <= 1.0 and 0.0 <= x["rank"] <= 1.0 and x["std_ratio"] > 0 for x in recs)
+    assert all(x["decoder_guidance"] == 1.5 for x in recs)
 
     # an earlier generator checkpoint through the run's final decoder; the decoder's checkpoints carry its EMA
     # (configs/toy_decoder.yaml), which toy_curve loaded above with a check that every tensor fits
