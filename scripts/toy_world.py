@@ -5,8 +5,10 @@ samples of the evaluation prompts -> pixel score. This is what ``bash run.sh`` r
     python scripts/toy_world.py train.max_steps=3              # plain overrides go to both training runs
     python scripts/toy_world.py clip.train.max_steps=20 decoder.train.max_steps=50 gen.train.max_steps=100 --out outputs/toy2
     python scripts/toy_world.py --budget-minutes 20            # a longer run; --budget-minutes 0: the configs' max_minutes
+    python scripts/toy_world.py --vlm --out outputs/toy_vlm    # + the toy VLM, frozen under the generator; VQA in the table
 
-Stages: the toy CLIP (configs/toy_clip.yaml, both cores), then the decoder and the generator side by side (one
+Stages: the toy CLIP (configs/toy_clip.yaml, both cores), with --vlm the toy VLM (scripts/toy_vlm.py, both cores;
+its backbone then replaces the generator's random one), then the decoder and the generator side by side (one
 core each; the one that finishes first hands its core to the other), both targeting the CLIP's frozen image tower,
 for what the wall-clock budget (--budget-minutes, 14) leaves after the data and the CLIP, less a reserve for
 sampling. Writes OUT/clip/ (the toy CLIP), OUT/decoder/ (a decoder dir), OUT/model/ (a self-contained model dir
@@ -123,15 +125,19 @@ def main(argv=None) -> int:
     p.add_argument("--budget-minutes", type=float, default=14.0,
                    help="wall-clock budget of the whole run: the decoder and the generator get what the data and the "
                         "toy CLIP leave of it, less a reserve for sampling and scoring (0: the configs' max_minutes)")
+    p.add_argument("--vlm", action="store_true",
+                   help="train the toy VLM first (scripts/toy_vlm.py, OUT/vlm) and freeze its backbone under the "
+                        "generator; its VQA accuracy joins the stage table")
+    p.add_argument("--vlm-minutes", type=float, default=4.0, help="the toy VLM's training minutes (with --vlm)")
     p.add_argument("--sequential", action="store_true",
                    help="train the decoder, then the generator (default: side by side when there are 2+ cores)")
     a = p.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "2")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("WANDB_MODE", "disabled")
-    stage = ("clip.", "decoder.", "gen.")
+    stage = ("clip.", "decoder.", "gen.", "vlm.")
     both = [o for o in a.overrides if not o.startswith(stage)]
-    clip_ov, dec_ov, gen_ov = ([*both, *(o[len(p):] for o in a.overrides if o.startswith(p))] for p in stage)
+    clip_ov, dec_ov, gen_ov = ([*both, *(o[len(p):] for o in a.overrides if o.startswith(p))] for p in stage[:3])
     out, data = (ROOT / a.out).resolve(), (ROOT / a.data).resolve()
     if a.fresh and out.exists():
         shutil.rmtree(out)
@@ -156,6 +162,21 @@ def main(argv=None) -> int:
         timings["clip_train_s"] = train("configs/toy_clip.yaml", [shards, f"train.output_dir={clip_dir}", *clip_ov],
                                         out / "clip.log", threads=int(os.environ["OMP_NUM_THREADS"]))
     target = f"model.target_path={clip_dir}"
+
+    # Optional, the toy VLM: the tiny backbone trained on toy questions (joint recipe), then frozen under the
+    # generator in place of the random one; on every core, before the two stages below.
+    if a.vlm:
+        vlm_dir = out / "vlm"
+        if not (vlm_dir / "vqa.json").is_file():
+            t = time.time()
+            cmd = [sys.executable, str(ROOT / "scripts" / "toy_vlm.py"), "--out", str(vlm_dir), "--data", str(data),
+                   "--vqa", str(data.parent / (data.name + "_vqa")), f"train.max_minutes={a.vlm_minutes}",
+                   *(o[len("vlm."):] for o in a.overrides if o.startswith("vlm."))]
+            print("$", " ".join(cmd[1:]), flush=True)
+            if subprocess.call(cmd, cwd=ROOT) != 0:
+                raise SystemExit("the toy VLM stage failed (see the lines above)")
+            timings["vlm_s"] = time.time() - t
+        gen_ov = [f"model.backbone_path={vlm_dir / 'backbone'}", *gen_ov]
 
     # The decoder learns from the target encoder's features of real images and the generator from the
     # captions, so neither needs the other: on 2+ cores they train side by side, one thread each (small

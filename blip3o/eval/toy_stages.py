@@ -19,6 +19,8 @@ For the 48 evaluation prompts (12 per tag) it reports, per tag and overall:
 * ``feature_stats``: generated against ground-truth features (per-channel mean and std in units of the
   ground-truth std, and the ratio of token norms): out-of-distribution features show up here first.
 * ``zero_shot``: the toy CLIP's zero-shot shape and colour accuracy (RUN/clip/zero_shot.json).
+* ``vqa``: the toy VLM's accuracy on held-out toy questions (colour, shape, count, position) and the
+  majority-answer baseline, when the run trained one (RUN/vlm/vqa.json, ``scripts/toy_world.py --vlm``).
 
 Writes RUN/stages.json and prints the table that benchmarks/toy_world.md uses.
 """
@@ -169,6 +171,11 @@ def run_stages(run: str, prompts: str, model_dir: Optional[str] = None, samples_
         out["clip_ceiling"] = clip_rank_score(clip, gt, rows, 1)
         if (clip_dir / "zero_shot.json").is_file():
             out["zero_shot"] = json.loads((clip_dir / "zero_shot.json").read_text())
+    # (d) the toy VLM, where the run trained one (scripts/toy_vlm.py): its VQA accuracy on held-out toy scenes
+    vqa = run_p / "vlm" / "vqa.json"
+    if vqa.is_file():
+        res = json.loads(vqa.read_text())
+        out["vqa"] = {k: res[k] for k in ("accuracy", "per_category", "n", "majority_baseline") if k in res}
     return out
 
 
@@ -188,6 +195,12 @@ def table(stages: Dict[str, object]) -> str:
                      f"{fs['std_ratio']:.2f}, norm ratio {fs['norm_ratio']:.2f}")
     if zs:
         lines.append(f"toy CLIP zero-shot: shape {zs['shape']:.2f}, colour {zs['colour']:.2f}")
+    vqa = stages.get("vqa")
+    if vqa:
+        base = vqa.get("majority_baseline", {})
+        lines.append(f"toy VLM VQA accuracy {vqa['accuracy']:.3f} ("
+                     + ", ".join(f"{c} {v:.2f}" for c, v in sorted(vqa["per_category"].items()))
+                     + (f"; majority-answer baseline {base['accuracy']:.3f}" if base else "") + ")")
     return "\n".join(lines)
 
 

@@ -317,8 +317,8 @@ class Blip3oForConditionalGeneration(GeneratorModelMixin, PreTrainedModel):
     # -- training -------------------------------------------------------------------------------
     def forward(
         self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
+        input_ids: Optional[torch.Tensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
         pixel_values: Optional[torch.Tensor] = None,
         target_latents: Optional[torch.Tensor] = None,
         und_input_ids: Optional[torch.Tensor] = None,
@@ -331,6 +331,31 @@ class Blip3oForConditionalGeneration(GeneratorModelMixin, PreTrainedModel):
         generator: Optional[torch.Generator] = None,
         **unused,
     ) -> Blip3oOutput:
+        if input_ids is None and und_input_ids is not None:
+            # A joint-recipe batch that drew only understanding samples (a mixture draws each sample's source):
+            # the text loss alone, with a zero image loss still tied to every trainable generator weight so that
+            # data-parallel wrappers see the same parameters used on every rank.
+            zero = sum(p.reshape(-1)[0] for p in (self.latent_queries, *self.dit.parameters()) if p.requires_grad) * 0.0
+            image_loss, parts = zero, {}
+        else:
+            image_loss, parts = self._image_loss(input_ids, attention_mask, pixel_values, target_latents,
+                                                 cond_pixel_values, cond_image_grid_thw, generator)
+        loss = image_loss
+        text_loss = None
+        if und_input_ids is not None and self.config.text_loss_weight > 0:
+            kw = {}
+            if und_pixel_values is not None:
+                kw = {"pixel_values": und_pixel_values, "image_grid_thw": und_image_grid_thw}
+            text_loss = self.backbone(input_ids=und_input_ids, attention_mask=und_attention_mask,
+                                      labels=und_labels, **kw).loss
+            loss = loss + self.config.text_loss_weight * text_loss
+            parts = dict(parts, text_loss=text_loss.detach())
+        return Blip3oOutput(loss=loss, image_loss=image_loss.detach(), text_loss=text_loss, parts=parts)
+
+    def _image_loss(self, input_ids, attention_mask, pixel_values, target_latents, cond_pixel_values,
+                    cond_image_grid_thw, generator):
+        if input_ids is None:
+            raise ValueError("forward needs input_ids (the generation prompts)")
         if target_latents is None:
             if pixel_values is None:
                 raise ValueError("forward needs pixel_values (encoded by the target encoder) or target_latents")
@@ -344,18 +369,7 @@ class Blip3oForConditionalGeneration(GeneratorModelMixin, PreTrainedModel):
             keep = (torch.rand(cond.shape[0], generator=generator) >= self.config.cfg_dropout)
             cond = cond * keep.to(cond.device, cond.dtype).view(-1, 1, 1)
         dit_dtype = next(self.dit.parameters()).dtype
-        image_loss, parts = self.objective.loss(self._dit, x0.to(dit_dtype), cond.to(dit_dtype), None, generator)
-        loss = image_loss
-        text_loss = None
-        if und_input_ids is not None and self.config.text_loss_weight > 0:
-            kw = {}
-            if und_pixel_values is not None:
-                kw = {"pixel_values": und_pixel_values, "image_grid_thw": und_image_grid_thw}
-            text_loss = self.backbone(input_ids=und_input_ids, attention_mask=und_attention_mask,
-                                      labels=und_labels, **kw).loss
-            loss = loss + self.config.text_loss_weight * text_loss
-            parts = dict(parts, text_loss=text_loss.detach())
-        return Blip3oOutput(loss=loss, image_loss=image_loss.detach(), text_loss=text_loss, parts=parts)
+        return self.objective.loss(self._dit, x0.to(dit_dtype), cond.to(dit_dtype), None, generator)
 
     # -- generation -----------------------------------------------------------------------------
     def tokenize_prompts(self, prompts: Sequence[str], tokenizer=None) -> Dict[str, torch.Tensor]:

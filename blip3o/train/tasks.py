@@ -91,7 +91,23 @@ class T2ITask:
 
     def to_device(self, batch, device):
         cond_images = batch.get("cond_images")
+        und_images = [im for im in batch.get("und_images") or [] if im is not None]
         batch = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
+        if und_images:
+            # Understanding conversations (joint recipe): their images go through the backbone's own image processor
+            # here, as at inference (blip3o/models/understanding.py), so the vision tower sees them; the collator
+            # reserved data.und_image_tokens <|image_pad|> slots per image, which must be what the processor makes.
+            if self.model.image_processor is None:
+                raise ValueError("understanding data with images needs a backbone with an image processor (qwen2_5_vl)")
+            vis = self.model.image_processor(images=und_images, return_tensors="pt")
+            merge = getattr(self.model.image_processor, "merge_size", 2)
+            made = {int(g.prod()) // (merge * merge) for g in vis["image_grid_thw"]}
+            if made != {self.cfg.data.und_image_tokens}:
+                raise ValueError(f"data.und_image_tokens={self.cfg.data.und_image_tokens}, but the backbone's image "
+                                 f"processor makes {sorted(made)} tokens of data.und_image_size="
+                                 f"{self.cfg.data.und_image_size} images; set it to that")
+            batch["und_pixel_values"] = vis["pixel_values"]
+            batch["und_image_grid_thw"] = vis["image_grid_thw"]
         if cond_images:
             # Editing: the source images go through the backbone's own image processor here (not in
             # the workers), so the patch layout always matches the backbone being trained.
@@ -104,7 +120,8 @@ class T2ITask:
         if "target_latents" not in batch and "pixel_values" in batch:
             with torch.no_grad():
                 batch["target_latents"] = self.target.encode(batch.pop("pixel_values"))
-        if self.model.config.target_norm == "channel" and not getattr(self, "_stats_done", False):
+        if self.model.config.target_norm == "channel" and not getattr(self, "_stats_done", False) \
+                and "target_latents" in batch:  # (a joint batch of understanding samples only has none)
             if float(self.model.target_std.sum()) == self.model.target_std.numel() and \
                     float(self.model.target_mean.abs().sum()) == 0.0:
                 self.model.init_target_stats(batch["target_latents"])  # first batch of a fresh run

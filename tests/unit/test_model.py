@@ -213,3 +213,27 @@ def test_models_package_has_no_import_cycle_and_no_hidden_imports():
 
     for n in sorted(graph):
         visit(n)
+
+
+def test_joint_batch_of_understanding_samples_only_trains_the_backbone_on_its_images():
+    """A mixture draws each sample's source, so a joint-recipe batch can hold no generation sample: the text loss
+    alone then, and the conversation's image reaches the vision tower (through the backbone's image processor)."""
+    from blip3o.data.collate import encode_conversation
+    from blip3o.prompts import get_template, left_pad
+
+    model, tok = tiny(recipe="joint", text_loss_weight=1.0)
+    model.train()
+    vis = model.image_processor(images=images(2, size=56), return_tensors="pt")
+    n = int(vis["image_grid_thw"][0].prod()) // 4
+    conv = [{"from": "human", "value": "<image>\nWhat colour is the circle?"}, {"from": "gpt", "value": "red"}]
+    ids, labels = encode_conversation(tok, conv, get_template(model.config.chat_template), n, 256)
+    enc = left_pad([ids, ids], tok.pad_token_id, labels=[labels, labels])
+    out = model(und_input_ids=enc["input_ids"], und_attention_mask=enc["attention_mask"], und_labels=enc["labels"],
+                und_pixel_values=vis["pixel_values"], und_image_grid_thw=vis["image_grid_thw"])
+    assert out.image_loss.item() == 0.0 and torch.isfinite(out.text_loss) and out.loss.item() == out.text_loss.item()
+    out.loss.backward()
+    visual = [p.grad for n_, p in model.backbone.named_parameters() if "visual" in n_ and p.requires_grad]
+    assert visual and any(g is not None and g.abs().sum() > 0 for g in visual)
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in model.dit.parameters())
+    with pytest.raises(ValueError, match="input_ids"):
+        model(pixel_values=torch.zeros(1, 3, 64, 64))  # a generation batch without its prompts
