@@ -231,6 +231,10 @@ def test_joint_batch_of_understanding_samples_only_trains_the_backbone_on_its_im
     out = model(und_input_ids=enc["input_ids"], und_attention_mask=enc["attention_mask"], und_labels=enc["labels"],
                 und_pixel_values=vis["pixel_values"], und_image_grid_thw=vis["image_grid_thw"])
     assert out.image_loss.item() == 0.0 and torch.isfinite(out.text_loss) and out.loss.item() == out.text_loss.item()
+    # the answer-only LM head gives the backbone's own labels= loss
+    ref = model.backbone(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], labels=enc["labels"],
+                         pixel_values=vis["pixel_values"], image_grid_thw=vis["image_grid_thw"]).loss
+    assert torch.allclose(out.text_loss, ref, atol=1e-5), (out.text_loss, ref)
     out.loss.backward()
     visual = [p.grad for n_, p in model.backbone.named_parameters() if "visual" in n_ and p.requires_grad]
     assert visual and any(g is not None and g.abs().sum() > 0 for g in visual)
