@@ -58,6 +58,13 @@ def test_write_is_deterministic_and_disjoint_from_training(tmp_path):
         write_toy_vqa(str(tmp_path / "c"), 0, 8)
 
 
+def configured_backbone() -> str:
+    """The random init configs/toy_vlm.yaml trains from (the weights must have moved away from it)."""
+    import yaml
+
+    return yaml.safe_load((ROOT / "configs" / "toy_vlm.yaml").read_text())["model"].get("backbone_path") or "tiny"
+
+
 @pytest.fixture(scope="module")
 def vlm_run(toy_data, tmp_path_factory):
     """scripts/toy_vlm.py for three steps on a small toy VQA set."""
@@ -85,7 +92,7 @@ def test_toy_vlm_trains_the_backbone_and_scores_vqa(vlm_run):
     from blip3o.models.backbone import resolve_backbone_path
 
     exported = load_file(str(run / "backbone" / "model.safetensors"))
-    random_init = load_file(str(Path(resolve_backbone_path("qwen2_5_vl", "tiny")) / "model.safetensors"))
+    random_init = load_file(str(Path(resolve_backbone_path("qwen2_5_vl", configured_backbone())) / "model.safetensors"))
     changed = [k for k in exported if k in random_init and not (exported[k] == random_init[k]).all()]
     assert any("visual" in k for k in changed) and any("language_model" in k or "layers" in k for k in changed)
 
@@ -110,7 +117,7 @@ def test_exported_backbone_loads_frozen_under_the_generator(vlm_run, toy_data, t
 
     saved = load_file(str(out / "model.safetensors"))
     ref = load_file(str(backbone / "model.safetensors"))
-    rand = load_file(str(Path(resolve_backbone_path("qwen2_5_vl", "tiny")) / "model.safetensors"))
+    rand = load_file(str(Path(resolve_backbone_path("qwen2_5_vl", configured_backbone())) / "model.safetensors"))
     assert all(torch.equal(saved["backbone." + k], v) for k, v in ref.items())  # frozen: unchanged by the step
     assert any(not torch.equal(ref[k], rand[k]) for k in ref)  # and the trained VLM, not the random preset
     pipe = Blip3oPipeline.from_pretrained(str(out), device="cpu", load_decoder=False)  # reloads with it
