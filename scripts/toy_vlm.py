@@ -20,29 +20,10 @@ import shutil
 import subprocess
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def majority_baseline(train_json: Path, eval_rows) -> dict:
-    """Accuracy of answering each category's most frequent training answer: what a model that ignores the image
-    scores (colour ~1/6, shape ~1/3, count mostly "one", position 1/2)."""
-    answers = {}
-    for rec in json.loads(train_json.read_text()):
-        turns = rec["conversations"]
-        for q, a in zip(turns[::2], turns[1::2]):
-            text = q["value"].replace("<image>\n", "")
-            cat = ("colour" if text.startswith("What colour") else "shape" if text.startswith("What shape")
-                   else "count" if text.startswith("How many") else "position")
-            answers.setdefault(cat, Counter())[a["value"]] += 1
-    per = {}
-    for cat in sorted({r["category"] for r in eval_rows}):
-        rows = [r for r in eval_rows if r["category"] == cat]
-        top = answers.get(cat, Counter()).most_common(1)
-        per[cat] = sum(r["answer"] == top[0][0] for r in rows) / len(rows) if top else 0.0
-    return {"accuracy": sum(per[r["category"]] for r in eval_rows) / max(len(eval_rows), 1), "per_category": per}
+CONFIG = ROOT / "configs" / "toy_vlm.yaml"
 
 
 def main(argv=None) -> int:
@@ -64,7 +45,7 @@ def main(argv=None) -> int:
     timings = {}
 
     from blip3o.data.toy import write_toy_dataset
-    from blip3o.data.toy_vqa import write_toy_vqa
+    from blip3o.data.toy_vqa import majority_baseline, write_toy_vqa
 
     t = time.time()
     if not (data / "eval" / "prompts.jsonl").is_file():
@@ -75,9 +56,16 @@ def main(argv=None) -> int:
 
     model_dir = out / "model"
     if not (model_dir / "model.safetensors").is_file():
-        sources = (f"data.sources=[{{name: t2i, shards: '{data / 'train'}', weight: 0.25}}, {{name: vqa, json_path: "
-                   f"'{vqa / 'train.json'}', image_root: '{vqa}', weight: 0.75, task: und}}]")
-        cmd = [sys.executable, "-m", "blip3o.train", str(ROOT / "configs" / "toy_vlm.yaml"), sources,
+        # the config's mixture (its weights) with this run's folders
+        import yaml
+
+        sources = yaml.safe_load(CONFIG.read_text())["data"]["sources"]
+        for src in sources:
+            if src.get("task") == "und":
+                src.update(json_path=str(vqa / "train.json"), image_root=str(vqa))
+            else:
+                src["shards"] = str(data / "train")
+        cmd = [sys.executable, "-m", "blip3o.train", str(CONFIG), f"data.sources={json.dumps(sources)}",
                f"train.output_dir={model_dir}", *a.overrides]
         print("$", " ".join(cmd[1:]), flush=True)
         t = time.time()
@@ -99,7 +87,7 @@ def main(argv=None) -> int:
     timings["vqa_s"] = time.time() - t
     res = json.loads((out / "vqa.json").read_text())
     rows = [json.loads(l) for l in (vqa / "eval.jsonl").read_text().splitlines() if l.strip()]
-    res["majority_baseline"] = majority_baseline(vqa / "train.json", rows)
+    res["majority_baseline"] = majority_baseline(json.loads((vqa / "train.json").read_text()), rows)
     res["timings"] = timings
     (out / "vqa.json").write_text(json.dumps(res, indent=2))
     cats = " ".join(f"{c}={v:.2f}" for c, v in sorted(res["per_category"].items()))

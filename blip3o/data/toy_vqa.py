@@ -28,13 +28,15 @@ import json
 import os
 import random
 import sys
+from collections import Counter
 from typing import Dict, List, Tuple
 
 from blip3o.data import toy
 from blip3o.data.streams import derive_seed
 
 CATEGORIES = ("colour", "shape", "count", "position")
-NUMBER_WORDS = dict(toy.NUMBERS)
+# How each category's questions begin (position questions begin with "Is the"): category_of reads them back.
+OPENINGS = {"colour": "What colour", "shape": "What shape", "count": "How many", "position": "Is the"}
 
 
 def _plural(word: str, n: int) -> str:
@@ -50,26 +52,52 @@ def questions(scene: toy.Scene) -> List[Tuple[str, str, str]]:
         colours = {o.color for o in of_shape}
         if len(colours) == 1:
             verb = "is the" if len(of_shape) == 1 else "are the"
-            out.append(("colour", f"What colour {verb} {_plural(shape, len(of_shape))}?", of_shape[0].color))
+            out.append(("colour", f"{OPENINGS['colour']} {verb} {_plural(shape, len(of_shape))}?", of_shape[0].color))
     for colour in toy.COLORS:
         of_colour = [o for o in objs if o.color == colour]
         shapes = {o.shape for o in of_colour}
         if len(shapes) == 1:
             verb = "is the" if len(of_colour) == 1 else "are the"
-            out.append(("shape", f"What shape {verb} {colour} {_plural('object', len(of_colour))}?",
+            out.append(("shape", f"{OPENINGS['shape']} {verb} {colour} {_plural('object', len(of_colour))}?",
                         of_colour[0].shape))
     for shape in toy.SHAPES:
         n = sum(o.shape == shape for o in objs)
         if n:
-            out.append(("count", f"How many {shape}s are there?", NUMBER_WORDS[n]))
+            out.append(("count", f"{OPENINGS['count']} {shape}s are there?", toy.NUMBERS[n]))
     if scene.tag == "position":
         a, b = objs
         rel = scene.relation
         wrong = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}[rel]
         for r, ans in ((rel, "yes"), (wrong, "no")):
-            out.append(("position", f"Is the {a.color} {a.shape} {toy._relation_phrase(r)} the {b.color} {b.shape}?",
-                        ans))
+            q = f"{OPENINGS['position']} {a.color} {a.shape} {toy._relation_phrase(r)} the {b.color} {b.shape}?"
+            out.append(("position", q, ans))
     return out
+
+
+def category_of(question: str) -> str:
+    """The category of one of ``questions``' questions (a conversation turn may carry the ``<image>`` line)."""
+    text = question.replace("<image>\n", "")
+    for cat, opening in OPENINGS.items():
+        if text.startswith(opening):
+            return cat
+    raise ValueError(f"not a toy question: {question!r}")
+
+
+def majority_baseline(train: List[dict], eval_rows: List[dict]) -> Dict[str, object]:
+    """Accuracy of answering each category's most frequent training answer (``train``: the records of
+    ``train.json``): what a model that ignores the image scores (colour ~1/6, shape ~1/3, count mostly "one",
+    position 1/2)."""
+    answers: Dict[str, Counter] = {}
+    for rec in train:
+        turns = rec["conversations"]
+        for q, a in zip(turns[::2], turns[1::2]):
+            answers.setdefault(category_of(q["value"]), Counter())[a["value"]] += 1
+    per = {}
+    for cat in sorted({r["category"] for r in eval_rows}):
+        rows = [r for r in eval_rows if r["category"] == cat]
+        top = answers.get(cat, Counter()).most_common(1)
+        per[cat] = sum(r["answer"] == top[0][0] for r in rows) / len(rows) if top else 0.0
+    return {"accuracy": sum(per[r["category"]] for r in eval_rows) / max(len(eval_rows), 1), "per_category": per}
 
 
 def conversation(scene: toy.Scene, rng: random.Random) -> List[Dict[str, str]]:

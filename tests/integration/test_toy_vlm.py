@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from blip3o.data import toy
-from blip3o.data.toy_vqa import CATEGORIES, conversation, eval_questions, questions, write_toy_vqa
+from blip3o.data.toy_vqa import (CATEGORIES, category_of, conversation, eval_questions, majority_baseline,
+                                 questions, write_toy_vqa)
 from tests.conftest import ROOT, run_env
 
 
@@ -20,6 +21,7 @@ def test_every_answer_is_what_the_scene_shows():
         qa = questions(scene)
         assert qa and {c for c, _, _ in qa} <= set(CATEGORIES)
         for cat, q, a in qa:
+            assert category_of(q) == cat
             if cat == "colour":  # "What colour is/are the <shape>(s)?"
                 shape = q.split()[-1].rstrip("?").rstrip("s")
                 assert {o.color for o in objs if o.shape == shape} == {a}
@@ -56,6 +58,16 @@ def test_write_is_deterministic_and_disjoint_from_training(tmp_path):
     assert all((tmp_path / "a" / r["image"]).is_file() and r["image"].startswith("images/eval-") for r in rows)
     with pytest.raises(ValueError, match="num >= 1"):
         write_toy_vqa(str(tmp_path / "c"), 0, 8)
+    # the baseline answers each category's most frequent training answer, whatever the image
+    train = json.loads((tmp_path / "a" / "train.json").read_text())
+    base = majority_baseline(train, rows)
+    colours = [t["value"] for r in train for q, t in zip(r["conversations"][::2], r["conversations"][1::2])
+               if category_of(q["value"]) == "colour"]
+    tops = {c for c in colours if colours.count(c) == max(map(colours.count, colours))}  # (ties: any of them)
+    asked = [r["answer"] for r in rows if r["category"] == "colour"]
+    assert base["per_category"]["colour"] in {sum(a == t for a in asked) / len(asked) for t in tops}
+    with pytest.raises(ValueError, match="not a toy question"):
+        category_of("What is this?")
 
 
 def configured_backbone() -> str:
