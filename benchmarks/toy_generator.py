@@ -6,6 +6,7 @@
   captions to count / first colour / first shape / one-vs-two objects, fitted on 2,000 and scored on the rest.
 
     OMP_NUM_THREADS=1 python benchmarks/toy_generator.py step outputs/toy/model --data toy_data
+    OMP_NUM_THREADS=1 python benchmarks/toy_generator.py step outputs/toy/model --batch 32 --bf16 --compile
     OMP_NUM_THREADS=1 python benchmarks/toy_generator.py probe outputs/toy/model --data toy_data
 """
 from __future__ import annotations
@@ -48,9 +49,9 @@ def timed(fn, n=3) -> float:
     return (time.perf_counter() - t) / n
 
 
-def step(m, data: str) -> None:
+def step(m, data: str, batch: int = 64, bf16: bool = False, compile: bool = False) -> None:
     m.train()
-    caps, imgs = read_toy(data, 64, images=True)
+    caps, imgs = read_toy(data, batch, images=True)
     pix = torch.tensor(np.stack(imgs)).permute(0, 3, 1, 2).float() / 127.5 - 1
     tok = m.tokenize_prompts(caps)
     with torch.no_grad():
@@ -66,11 +67,29 @@ def step(m, data: str) -> None:
     def whole():
         m(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"], pixel_values=pix).loss.backward()
 
-    print(f"batch 64, DiT params {sum(p.numel() for p in m.dit.parameters()):,}")
+    print(f"batch {batch}, DiT params {sum(p.numel() for p in m.dit.parameters()):,}")
     print(f"target encode {timed(lambda: m.target_encoder.encode(pix)):.3f} s")
     print(f"backbone fwd+bwd {timed(backbone):.3f} s")
     print(f"DiT fwd+bwd {timed(dit):.3f} s")
-    print(f"whole step {timed(whole):.3f} s")
+    fp32 = timed(whole)
+    print(f"whole step {fp32:.3f} s")
+    if bf16:  # what train.mixed_precision=bf16 does: the trainer's autocast around the forward
+        def whole_bf16():
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = m(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"], pixel_values=pix).loss
+            loss.backward()
+
+        t = timed(whole_bf16)
+        print(f"whole step, bf16 autocast {t:.3f} s ({fp32 / t:.2f}x fp32; native bf16: "
+              f"{torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()})")
+    if compile:  # what train.compile=true does: the DiT compiled in place (inductor), the rest eager
+        m.dit.compile()
+        t0 = time.perf_counter()
+        whole()
+        first = time.perf_counter() - t0
+        t = timed(whole, n=10)
+        print(f"whole step, DiT compiled {t:.3f} s ({fp32 / t:.2f}x eager); first step (compiling) {first:.1f} s, "
+              f"paid back after {first / max(fp32 - t, 1e-9):.0f} steps")
 
 
 def labels(caption: str):
@@ -108,10 +127,16 @@ def main(argv=None) -> int:
     p.add_argument("what", choices=["step", "probe"])
     p.add_argument("model", help="a toy generator directory (outputs/toy/model)")
     p.add_argument("--data", default="toy_data", help="the toy data folder (train/*.tar)")
+    p.add_argument("--batch", type=int, default=64, help="step: batch size")
+    p.add_argument("--bf16", action="store_true", help="step: also time the whole step under bf16 autocast")
+    p.add_argument("--compile", action="store_true", help="step: also time it with the DiT compiled (torch.compile)")
     a = p.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     m = Blip3oForConditionalGeneration.from_pretrained(a.model)
-    (step if a.what == "step" else probe)(m, a.data)
+    if a.what == "step":
+        step(m, a.data, a.batch, a.bf16, a.compile)
+    else:
+        probe(m, a.data)
     return 0
 
 

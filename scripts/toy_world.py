@@ -83,6 +83,13 @@ def stage_minutes(budget_min: float, elapsed_s: float, parallel: bool, dec_ov, g
     return left, left - GENERATOR_LEAD_MIN
 
 
+def cache_complete(cache: Path, shard_dir: Path) -> bool:
+    """Whether scripts/cache_targets.py finished `cache` for every shard of `shard_dir` (it writes each shard whole,
+    under its final name only when done)."""
+    return (cache / "signature.json").is_file() and all(
+        (cache / s.name).is_file() for s in shard_dir.glob("*.tar"))
+
+
 def native_bf16() -> bool:
     """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX): there configs/toy_decoder.yaml's bf16 autocast
     runs the UNet 1.25-1.5x faster; elsewhere bf16 is emulated and slower than fp32."""
@@ -191,11 +198,23 @@ def main(argv=None) -> int:
     if not any(o.startswith("train.mixed_precision=") for o in dec_ov) and not native_bf16():
         dec_ov = ['train.mixed_precision="no"', *dec_ov]  # quoted: YAML reads a bare no as false
         print("no native bf16 on this CPU: the decoder trains in fp32", flush=True)
+    if not any(o.startswith("train.compile=") for o in gen_ov) and not shutil.which(os.environ.get("CXX", "g++")) \
+            and not shutil.which("clang++"):
+        gen_ov = ["train.compile=no", *gen_ov]  # inductor builds its kernels with a C++ compiler
+        print("no C++ compiler (g++, clang++ or $CXX): the generator's DiT trains uncompiled", flush=True)
     jobs = []
     if not (dec_dir / "model_index.json").is_file():
         jobs.append(("decoder_train_s", "configs/toy_decoder.yaml",
                      [shards, target, f"train.output_dir={dec_dir}", *dec_ov], out / "decoder.log"))
+    # The generator reads the toy CLIP's features of its training images from a cache written once (beside the
+    # decoder's first minute, on the other core) instead of decoding and encoding every image at every step.
+    cache, caching = clip_dir / "x0_cache", None
     if not (model_dir / "model.safetensors").is_file():
+        if not any(o.startswith("data.use_cache=") for o in gen_ov):
+            gen_ov = [f"data.cache_dir={cache}", "data.use_cache=true", *gen_ov]
+            if not cache_complete(cache, data / "train"):
+                caching = [sys.executable, str(ROOT / "scripts" / "cache_targets.py"), str(data / "train"),
+                           "--target-dir", str(clip_dir), "--out", str(cache), "--batch-size", "256"]
         jobs.append(("generator_train_s", "configs/toy_gen.yaml",
                      [shards, target, f"data.eval_prompts={prompts}", f"train.output_dir={model_dir}", *gen_ov],
                      out / "generator.log"))
@@ -204,10 +223,30 @@ def main(argv=None) -> int:
     os.environ["BLIP3O_THREADS_FILE"] = str(threads_file)
     t_train = time.time()
     if parallel:
-        running = [(key, log, *start(cfg, ov, log, threads)) for key, cfg, ov, log in jobs]
+        gen_job = next((j for j in jobs if j[0] == "generator_train_s"), None)
+        cache_proc = None
+        if caching and gen_job:
+            print("$", " ".join(caching[1:]), flush=True)
+            cache_proc = subprocess.Popen(caching, cwd=ROOT, stdout=open(out / "cache.log", "w"),
+                                          stderr=subprocess.STDOUT, env=dict(os.environ, OMP_NUM_THREADS=str(threads)))
+        running = [(key, log, *start(cfg, ov, log, threads)) for key, cfg, ov, log in jobs
+                   if cache_proc is None or key != "generator_train_s"]
         try:
             pending = list(running)
-            while pending:
+            while pending or cache_proc is not None:
+                if cache_proc is not None and cache_proc.poll() is not None:
+                    if cache_proc.returncode != 0:
+                        raise SystemExit(f"caching the toy CLIP's features failed (see {out / 'cache.log'}):\n"
+                                         + (out / "cache.log").read_text()[-3000:])
+                    timings["cache_s"] = time.time() - t_train
+                    cache_proc = None
+                    key, cfg, ov, log = gen_job
+                    if gen_min:  # it still ends when the plan said: the cache came out of its minutes
+                        ov = [f"train.max_minutes={gen_min - timings['cache_s'] / 60:.2f}",
+                              *(o for o in ov if not o.startswith("train.max_minutes="))]
+                    r = (key, log, *start(cfg, ov, log, threads))
+                    running.append(r)
+                    pending.append(r)
                 done = [r for r in pending if r[2].poll() is not None]
                 for key, log, proc, started in done:
                     timings[key] = wait(proc, started, log)
@@ -218,13 +257,18 @@ def main(argv=None) -> int:
                     if pending:
                         threads_file.write_text(os.environ["OMP_NUM_THREADS"])
                         timings.setdefault("handover_s", time.time() - t_train)
-                if pending:
+                if pending or cache_proc is not None:
                     time.sleep(0.5)
         finally:  # one stage failed (or Ctrl-C): do not leave the other training behind
-            for _, _, proc, _ in running:
+            for proc in [r[2] for r in running] + ([cache_proc] if cache_proc is not None else []):
                 if proc.poll() is None:
                     proc.terminate()
     else:
+        if caching and jobs:
+            t = time.time()
+            if subprocess.call(caching, cwd=ROOT) != 0:
+                raise SystemExit("caching the toy CLIP's features failed (see the lines above)")
+            timings["cache_s"] = time.time() - t
         for key, cfg, ov, log in jobs:
             timings[key] = train(cfg, ov, log, threads)
     if jobs:

@@ -296,6 +296,9 @@ class NextDiT(nn.Module):
     def set_gradient_checkpointing(self, enabled: bool = True) -> None:
         self.gradient_checkpointing = enabled
 
+    # Outside torch.compile's graph (train.compile): traced, the cache lookup is guarded on the dict's contents, so
+    # the first step (which fills it) and the second would compile the DiT twice.
+    @torch.compiler.disable
     def _rope(self, ht: int, wt: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         key = (str(device), ht, wt)
         if key not in self._rope_cache:

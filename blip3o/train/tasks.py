@@ -132,6 +132,11 @@ class T2ITask:
         out = module(**batch)
         return out.loss, out.parts or {}
 
+    def compile_modules(self):
+        """train.compile: the DiT, where a generator step spends most of its time (the backbone is frozen)."""
+        dit = getattr(self.model, "dit", None)
+        return [dit] if isinstance(dit, torch.nn.Module) else []
+
     def flops_per_sample(self) -> Dict[str, float]:
         m = self.model
         if hasattr(m, "flops_per_sample"):  # fusion generators count their own
@@ -262,6 +267,9 @@ class DecoderTask(ImageLoaderTask):
 
     def loss(self, module, batch):
         return module(batch["images"], batch["features"])
+
+    def compile_modules(self):
+        return [self.pipe.denoiser]
 
     def flops_per_sample(self) -> Dict[str, float]:
         n = sum(p.numel() for p in self.pipe.denoiser.parameters())

@@ -113,6 +113,8 @@ class Trainer:
         # writing a thread count to this file (scripts/toy_world.py). A file, not a signal: a signal sent
         # before the handler is installed would kill a stage that is still starting up.
         self._threads_file = os.environ.get("BLIP3O_THREADS_FILE")
+        if t.compile != "no":
+            self._compile(t.compile)
         self.ema = EMA(self.named_trainable, t.ema_decay, t.ema_warmup) if t.ema_decay > 0 else None
         self.flops = self.task.flops_per_sample()  # before ZeRO-3 empties the parameters it counts
         self._setup_optimization()
@@ -139,6 +141,19 @@ class Trainer:
                              "wait forever for the other ranks' shards); set it to 0")
         if t.task != "t2i":
             raise ValueError(f"train.task={t.task} supports DDP and DeepSpeed ZeRO-1/2, not {engine}")
+
+    def _compile(self, backend: str):
+        """train.compile: the task's hot module compiled in place (nn.Module.compile), so parameter names, the
+        optimizer, the EMA and the checkpoints stay those of the eager module."""
+        if self.ds_config is not None or self.fsdp:
+            raise ValueError("train.compile: supported for single-process and DDP runs, not with DeepSpeed or FSDP")
+        modules = getattr(self.task, "compile_modules", lambda: [])()
+        if not modules:
+            raise ValueError(f"train.compile: train.task={self.cfg.train.task} has no module to compile")
+        for m in modules:
+            m.compile(backend=backend)
+        logger.info("train.compile=%s: %s compiled (the first step pays the compile)", backend,
+                    ", ".join(type(m).__name__ for m in modules))
 
     def _load_ds_config(self, path: str) -> Dict[str, Any]:
         p = Path(path)

@@ -65,6 +65,8 @@ def overrides_for(config: str, toy: Path, side: Path, saved: Path, out: Path) ->
         ov.append(f"data.eval_prompts={toy / 'eval' / 'prompts.jsonl'}")
     if "init_from" in model:
         ov.append(f"model.init_from={saved}")
+    if (body.get("train") or {}).get("compile") not in (None, False, "no"):
+        ov.append("train.compile=eager")  # dynamo's tracing without inductor's minute-long C++ build
     return ov
 
 

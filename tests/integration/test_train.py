@@ -12,8 +12,8 @@ import torch
 from tests.conftest import ROOT, run_env, train_cmd
 
 
-def run(cmd, **kw):
-    return subprocess.run(cmd, env=run_env(), capture_output=True, text=True, timeout=300, cwd=ROOT, **kw)
+def run(cmd, env=None, **kw):
+    return subprocess.run(cmd, env=env or run_env(), capture_output=True, text=True, timeout=300, cwd=ROOT, **kw)
 
 
 def losses(out: Path):
@@ -51,6 +51,22 @@ def test_trains_logs_and_saves_a_loadable_model(unbroken):
 
     ema = load_file(str(unbroken / "checkpoint-6" / "ema.safetensors"))
     torch.testing.assert_close(m.latent_queries.detach(), ema["latent_queries"])
+
+
+def test_compile_traces_the_dit_once_and_trains_as_eager(toy_data, unbroken, tmp_path):
+    # train.compile with dynamo's eager backend: the tracing, guards and in-place wrapping that inductor also gets,
+    # without its C++ build (a minute; benchmarks/toy_generator.py step --compile times that)
+    out = tmp_path / "compiled"
+    r = run(train_cmd(toy_data, out, "train.ema_decay=0.9", "train.compile=eager"),  # `unbroken`, sampling aside
+            env=dict(run_env(), TORCH_LOGS="recompiles"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "train.compile=eager: NextDiT compiled" in r.stderr
+    assert "Recompiling" not in r.stderr, r.stderr[-3000:]  # one graph for every training step
+    assert losses(out) == pytest.approx(losses(unbroken), rel=1e-5)
+    from safetensors.torch import load_file
+
+    keys = set(load_file(str(out / "checkpoint-6" / "ema.safetensors")))  # in place: the eager parameter names
+    assert keys == set(load_file(str(unbroken / "checkpoint-6" / "ema.safetensors")))
 
 
 def test_sigkill_and_resume_gives_identical_losses(toy_data, unbroken, tmp_path):
@@ -148,6 +164,7 @@ def test_nonfinite_losses_stop_with_a_clear_message(toy_data, tmp_path):
     (["model.target_path=/nonexistent/eva"], "/nonexistent/eva"),
     (["train.fsdp=true", "train.deepspeed=configs/deepspeed/zero2.json"], "select two engines"),
     (["train.fsdp=true", "train.ema_decay=0.9"], "train.ema_decay > 0 is not supported with FSDP"),
+    (["train.compile=max"], "train.compile: 'max' is not one of"),
 ])
 def test_bad_config_and_paths_fail_with_one_line(toy_data, tmp_path, override, message):
     r = run(train_cmd(toy_data, tmp_path / "bad", *override, steps=1))

@@ -15,7 +15,7 @@ def test_run_sh_toy_default_with_few_steps(tmp_path, toy_data):
     out = tmp_path / "toy"
     r = subprocess.run(["bash", str(ROOT / "run.sh"), "--out", str(out), "--data", str(toy_data),
                         "train.max_steps=2", "train.per_device_train_batch_size=4", "data.num_workers=0",
-                        "train.save_steps=1", "train.save_total_limit=0",
+                        "train.save_steps=1", "train.save_total_limit=0", "gen.train.compile=eager",
                         "--samples-per-prompt", "1", "--eval-limit", "4", "--steps", "2"],
                        env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
@@ -27,6 +27,10 @@ def test_run_sh_toy_default_with_few_steps(tmp_path, toy_data):
     minutes = json.loads((out / "timings.json").read_text())["stage_minutes"]
     assert 10 < minutes["decoder"] < 14 and abs(minutes["decoder"] - minutes["generator"] - 0.5) < 0.02, minutes
     assert (out / "model" / "diffusion-decoder" / "model_index.json").is_file()
+    # the generator trained on the toy CLIP's cached features (written beside the decoder) with its DiT compiled
+    assert (out / "clip" / "x0_cache" / "signature.json").is_file()
+    gen_log = (out / "generator.log").read_text()
+    assert "using target cache" in gen_log and "NextDiT compiled" in gen_log
     assert "toy score" in r.stdout
     # the toy CLIP stage ran first, and both later stages target its frozen image tower
     assert (out / "clip" / "text_tower.safetensors").is_file()
