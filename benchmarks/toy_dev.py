@@ -26,7 +26,7 @@ import torch
 from blip3o.data import toy
 from blip3o.eval.toy import score_image
 from blip3o.eval.toy_stages import (_decode, _images_to_target, _tag_scores, clip_rank_score, decoder_ceiling,
-                                    feature_stats)
+                                    failure_causes, feature_stats)
 from blip3o.models.targets import ToyClipModel
 from blip3o.pipeline import Blip3oPipeline
 from blip3o.sampling import zeroed_condition
@@ -104,7 +104,8 @@ def main(argv=None) -> int:
         fs = feature_stats(feats, gt)
         rec = {"run": str(run), "checkpoint": a.checkpoint, "variant": v, "decoder_guidance": a.decoder_guidance,
                "e2e": e2e["overall"], "e2e_tags": e2e["tags"], "rank": rank["overall"], "rank_tags": rank["tags"],
-               "ceiling": ceiling["overall"], **fs, "seconds": time.time() - t0,
+               "ceiling": ceiling["overall"], **fs, "failures": failure_causes(ims, rows, per)["causes"],
+               "ceiling_failures": ceiling["failures"]["causes"], "seconds": time.time() - t0,
                "load": os.getloadavg()[0]}
         print(f"{v:>22}: e2e {rec['e2e']:.3f} rank {rec['rank']:.3f} std {fs['std_ratio']:.2f} "
               f"shift {fs['mean_shift']:.2f} | " + " ".join(f"{k[:5]}={x:.2f}" for k, x in e2e["tags"].items()), flush=True)

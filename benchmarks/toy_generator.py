@@ -49,7 +49,8 @@ def timed(fn, n=3) -> float:
     return (time.perf_counter() - t) / n
 
 
-def step(m, data: str, batch: int = 64, bf16: bool = False, compile: bool = False) -> None:
+def step(m, data: str, batch: int = 64, bf16: bool = False, compile: bool = False,
+         compile_backbone: bool = False, regional: bool = False) -> None:
     m.train()
     caps, imgs = read_toy(data, batch, images=True)
     pix = torch.tensor(np.stack(imgs)).permute(0, 3, 1, 2).float() / 127.5 - 1
@@ -82,14 +83,22 @@ def step(m, data: str, batch: int = 64, bf16: bool = False, compile: bool = Fals
         t = timed(whole_bf16)
         print(f"whole step, bf16 autocast {t:.3f} s ({fp32 / t:.2f}x fp32; native bf16: "
               f"{torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()})")
-    if compile:  # what train.compile=true does: the DiT compiled in place (inductor), the rest eager
-        m.dit.compile()
+    if compile:  # what train.compile=inductor does: the DiT's blocks compiled in place (inductor), the rest eager
+        for block in (m.dit.layers if regional else [m.dit]):
+            block.compile()
         t0 = time.perf_counter()
         whole()
         first = time.perf_counter() - t0
         t = timed(whole, n=10)
         print(f"whole step, DiT compiled {t:.3f} s ({fp32 / t:.2f}x eager); first step (compiling) {first:.1f} s, "
               f"paid back after {first / max(fp32 - t, 1e-9):.0f} steps")
+        if compile_backbone:  # the frozen backbone's decoder too (prompt lengths vary: dynamic shapes)
+            m.adapter.decoder(m.backbone).compile(dynamic=True)
+            t0 = time.perf_counter()
+            whole()
+            first = time.perf_counter() - t0
+            t2 = timed(whole, n=10)
+            print(f"whole step, DiT and backbone compiled {t2:.3f} s ({fp32 / t2:.2f}x eager); first step {first:.1f} s")
 
 
 def labels(caption: str):
@@ -130,11 +139,14 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=64, help="step: batch size")
     p.add_argument("--bf16", action="store_true", help="step: also time the whole step under bf16 autocast")
     p.add_argument("--compile", action="store_true", help="step: also time it with the DiT compiled (torch.compile)")
+    p.add_argument("--compile-backbone", action="store_true", help="step, with --compile: then the backbone too")
+    p.add_argument("--regional", action="store_true",
+                   help="step, with --compile: compile each DiT block (one graph, reused) instead of the whole DiT")
     a = p.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     m = Blip3oForConditionalGeneration.from_pretrained(a.model)
     if a.what == "step":
-        step(m, a.data, a.batch, a.bf16, a.compile)
+        step(m, a.data, a.batch, a.bf16, a.compile, a.compile_backbone, a.regional)
     else:
         probe(m, a.data)
     return 0

@@ -16,6 +16,9 @@ For the 48 evaluation prompts (12 per tag) it reports, per tag and overall:
   embedding ranks the prompt above its word-swapped negatives (another colour, shape, count or relation);
   ``clip_ceiling`` is the same for the ground-truth features. The CLIP pools over the grid, so it cannot see
   left from right: position rows measure colour and shape only.
+* ``failures`` (under ``ceiling`` and ``end_to_end``): why the failed images fail, from the scorer's own blobs: an
+  object of the right colour whose shape reads as another (``shape:square->circle``: rounded corners), too few or
+  none of a colour, an excluded object, or the relation.
 * ``feature_stats``: generated against ground-truth features (per-channel mean and std in units of the
   ground-truth std, and the ratio of token norms): out-of-distribution features show up here first.
 * ``zero_shot``: the toy CLIP's zero-shot shape and colour accuracy (RUN/clip/zero_shot.json).
@@ -38,7 +41,7 @@ import torch
 from PIL import Image
 
 from blip3o.data import toy
-from blip3o.eval.toy import score_image
+from blip3o.eval.toy import _matches, analyse, score_image
 from blip3o.models.targets import ToyClipModel
 from blip3o.pipeline import Blip3oPipeline
 
@@ -75,12 +78,59 @@ def _decode(pipe, feats: torch.Tensor, seed: int, steps: Optional[int],
     return pipe.decode(feats, gens, guidance_scale=guidance, num_inference_steps=steps)
 
 
+def failure_cause(image: Image.Image, row: dict) -> Optional[str]:
+    """Why the scorer fails an image, read from the same blobs it judges; None when it passes. The first prompt
+    object that is short decides: ``shape:WANTED->READ`` when enough objects of its colour are there but read as
+    another shape (a square with rounded corners reads as a circle), ``too few`` when some of its colour are there,
+    ``missing colour`` when none; then ``extra`` (an excluded object) and ``relation``."""
+    if score_image(image, row)[0]:
+        return None
+    blobs = analyse(image)
+    for item in row.get("include", []):
+        need = int(item.get("count", 1))
+        if len(_matches(blobs, item)) >= need:
+            continue
+        same = [b for b in blobs if b.color == item.get("color", b.color) and b.shape != item["class"]]
+        have = len(_matches(blobs, item)) + len(same)
+        if have >= need:
+            read = max(("circle", "square", "triangle"), key=lambda k: sum(b.shape == k for b in same))
+            return f"shape:{item['class']}->{read}"
+        return "too few" if have else "missing colour"
+    return "extra" if any(len(_matches(blobs, it)) >= int(it["count"]) for it in row.get("exclude", [])) \
+        else "relation"
+
+
+def failure_causes(images: Sequence[Image.Image], rows: Sequence[dict], per: int = 1) -> Dict[str, object]:
+    """Counts of :func:`failure_cause` over ``images`` (``per`` consecutive images per row), most common first."""
+    counts: Dict[str, int] = {}
+    for i, im in enumerate(images):
+        cause = failure_cause(im, rows[i // per])
+        if cause is not None:
+            counts[cause] = counts.get(cause, 0) + 1
+    return {"failed": sum(counts.values()), "images": len(images),
+            "causes": dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))}
+
+
 def decoder_ceiling(pipe, gt: torch.Tensor, rows, steps: Optional[int] = None, seed: int = 10 ** 6,
                     guidance: Optional[float] = None):
     """The decoder alone: ground-truth features ``gt`` of the scenes behind ``rows``, decoded and scored
-    (`guidance`: the decoder's CFG scale; None = its folder's default)."""
+    (`guidance`: the decoder's CFG scale; None = its folder's default), with why the failures failed."""
     ims = _decode(pipe, gt, seed, steps, guidance)
-    return _tag_scores([score_image(im, r)[0] for im, r in zip(ims, rows)], rows, 1)
+    out = _tag_scores([score_image(im, r)[0] for im, r in zip(ims, rows)], rows, 1)
+    out["failures"] = failure_causes(ims, rows)
+    return out
+
+
+def samples_failures(samples_dir: Path, limit: Optional[int] = None) -> Dict[str, object]:
+    """:func:`failure_causes` of a GenEval-layout samples folder (what run.sh sampled and scored)."""
+    ims, rows = [], []
+    for d in sorted(p for p in samples_dir.iterdir() if (p / "metadata.jsonl").is_file())[:limit]:
+        row = json.loads((d / "metadata.jsonl").read_text().splitlines()[0])
+        for path in sorted((d / "samples").glob("*.png")):
+            with Image.open(path) as im:
+                ims.append(im.convert("RGB"))
+            rows.append(row)
+    return failure_causes(ims, rows)
 
 
 def training_bank(target, n: int, seed: int = 0, batch: int = 256):
@@ -149,6 +199,8 @@ def run_stages(run: str, prompts: str, model_dir: Optional[str] = None, samples_
     if score_json.is_file():
         s = json.loads(score_json.read_text())
         out["end_to_end"] = {"overall": s["overall"], "tags": s["tags"], "images": s.get("images")}
+        if (run_p / "samples").is_dir():
+            out["end_to_end"]["failures"] = samples_failures(run_p / "samples", limit)
 
     # (c) the generator without the decoder: nearest training scene of each generated feature map
     gens = [torch.Generator().manual_seed(seed + k) for _ in rows for k in range(samples_per_prompt)]
@@ -189,6 +241,11 @@ def table(stages: Dict[str, object]) -> str:
         if s:
             lines.append(f"| {name} | " + " | ".join(f"{s['tags'].get(t, float('nan')):.2f}" for t in TAGS)
                          + f" | **{s['overall']:.3f}** |")
+    for name, key in rows[:2]:
+        f = (stages.get(key) or {}).get("failures")
+        if f and f["failed"]:
+            lines.append(f"\nwhy the {name.split(' (')[0]} fails ({f['failed']} of {f['images']} images): "
+                         + ", ".join(f"{c.replace('->', ' read as ')} {n}" for c, n in f["causes"].items()))
     fs, zs = stages.get("feature_stats"), stages.get("zero_shot")
     if fs:
         lines.append(f"\nfeatures, generated vs GT: mean shift {fs['mean_shift']:.2f} std, std ratio "

@@ -149,3 +149,33 @@ def test_scorer_tolerates_jpeg_and_rejects_blank(tmp_path):
 def test_scorer_errors(tmp_path):
     assert scorer.main([str(tmp_path / "missing")]) == 2
     assert scorer.main([str(tmp_path)]) == 2  # no prompt folders
+
+
+def test_failure_causes_name_what_the_scorer_saw():
+    from PIL import ImageDraw
+
+    from blip3o.data.toy import Scene, ToyObject, eval_row, render
+    from blip3o.eval.toy_stages import failure_cause, failure_causes
+
+    pair = Scene("position", [ToyObject("red", "circle", 6, 20, 16), ToyObject("blue", "square", 40, 20, 16)], "left of")
+    img = render(pair)
+    right = eval_row(pair)
+    assert failure_cause(img, right) is None  # what the scorer passes has no cause
+    wrong_rel = eval_row(Scene("position", pair.objects, "right of"))
+    assert failure_cause(img, wrong_rel) == "relation"
+    # the same blue object, asked for as a circle: there, of its colour, but read as a square
+    circle = eval_row(Scene("colors", [ToyObject("red", "circle", 6, 20, 16), ToyObject("blue", "circle", 40, 20, 16)]))
+    assert failure_cause(img, circle) == "shape:circle->square"
+    green = eval_row(Scene("colors", [ToyObject("red", "circle", 6, 20, 16), ToyObject("green", "square", 40, 20, 16)]))
+    assert failure_cause(img, green) == "missing colour"
+    three = eval_row(Scene("counting", [ToyObject("blue", "square", x, 4, 12) for x in (4, 24, 44)]))
+    assert failure_cause(img, three) == "too few"
+    # a square whose corners are cut reads as a circle: the decoders' commonest failure
+    rounded = render(Scene("single_object", [ToyObject("blue", "square", 20, 20, 20)]))
+    d = ImageDraw.Draw(rounded)
+    for x, y in ((20, 20), (35, 20), (20, 35), (35, 35)):  # 5x5 off each corner of the 20-px square: fill 0.75
+        d.rectangle([x, y, x + 4, y + 4], fill="white")
+    square = eval_row(Scene("single_object", [ToyObject("blue", "square", 20, 20, 20)]))
+    assert failure_cause(rounded, square) == "shape:square->circle"
+    counts = failure_causes([img, img, rounded], [right, circle, square])
+    assert counts == {"failed": 2, "images": 3, "causes": {"shape:circle->square": 1, "shape:square->circle": 1}}

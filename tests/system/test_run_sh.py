@@ -42,6 +42,9 @@ def test_run_sh_toy_default_with_few_steps(tmp_path, toy_data):
             "single_object", "counting", "colors", "position"}, key
     assert stages["end_to_end"]["overall"] == score["overall"] and stages["generator_nn"]["images"] == 4
     assert stages["ceiling"]["images"] == 4 and set(stages["zero_shot"]) == {"shape", "colour", "n"}
+    for key in ("ceiling", "end_to_end"):  # why the failed images failed, counted over the same images
+        f = stages[key]["failures"]
+        assert f["images"] == 4 and f["failed"] == sum(f["causes"].values()) == round(4 * (1 - stages[key]["overall"]))
     assert "decoder ceiling" in (out / "stages.md").read_text() and "decoder ceiling" in r.stdout
 
     # score vs minutes from the same run's checkpoints (both stages saved at steps 1 and 2)
