@@ -53,7 +53,8 @@ def test_run_ablations_end_to_end(tmp_path, toy_data):
            "--variants", "clip_flow,clip_mse,vae_flow", "--steps", "2", "--eval-limit", "2", "--div-prompts", "2",
            "--div-seeds", "2", "--sample-steps", "2", "--vae-args", "--steps 2 --images 32",
            "decoder.train.max_steps=2", "clip.train.max_steps=2", "train.per_device_train_batch_size=4", "data.num_workers=0",
-           "data.shuffle_buffer=50"]
+           "data.shuffle_buffer=50",
+           "gen.train.compile=eager"]  # the DiT traced, not built by inductor (a minute per variant)
     r = subprocess.run(cmd, env=run_env(), capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     res = json.loads((out / "results.json").read_text())
