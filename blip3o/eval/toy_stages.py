@@ -245,7 +245,7 @@ def table(stages: Dict[str, object]) -> str:
         f = (stages.get(key) or {}).get("failures")
         if f and f["failed"]:
             lines.append(f"\nwhy the {name.split(' (')[0]} fails ({f['failed']} of {f['images']} images): "
-                         + ", ".join(f"{c.replace('->', ' read as ')} {n}" for c, n in f["causes"].items()))
+                         + ", ".join(f"{c.replace('shape:', '').replace('->', ' read as ')} {n}" for c, n in f["causes"].items()))
     fs, zs = stages.get("feature_stats"), stages.get("zero_shot")
     if fs:
         lines.append(f"\nfeatures, generated vs GT: mean shift {fs['mean_shift']:.2f} std, std ratio "
