@@ -131,8 +131,8 @@ class TrainConfig:
     mixed_precision: str = "bf16"  # bf16 | fp16 | no
     # torch.compile backend for the task's trainable core, compiled in place: the DiT (t2i) or the decoder's denoiser
     # (no | inductor | aot_eager | eager, as accelerate's dynamo_backend). inductor pays a one-off compile at the first
-    # step (~1-1.5 min on one CPU thread for the toy DiT) for faster steps after it (1.6x there: small tensors, where
-    # eager PyTorch pays per op); eager only traces (what the tests use). Single-process and DDP runs.
+    # step (~1.5 min on one CPU thread for the toy DiT) for faster steps after it (1.3-1.45x there: small tensors,
+    # where eager PyTorch pays per op); eager only traces (what the tests use). Single-process and DDP runs.
     compile: str = "no"
     deepspeed: Optional[str] = None  # path to configs/deepspeed/zero{1,2,3}.json
     fsdp: bool = False  # PyTorch FSDP2 (fully_shard) instead of DDP; exclusive with deepspeed
