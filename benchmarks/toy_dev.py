@@ -24,9 +24,8 @@ from pathlib import Path
 import torch
 
 from blip3o.data import toy
-from blip3o.eval.toy import score_image
-from blip3o.eval.toy_stages import (_decode, _images_to_target, _tag_scores, clip_rank_score, decoder_ceiling,
-                                    failure_causes, feature_stats)
+from blip3o.eval.toy_stages import (_decode, _images_to_target, clip_rank_score, decoder_ceiling, feature_stats,
+                                    judge)
 from blip3o.models.targets import ToyClipModel
 from blip3o.pipeline import Blip3oPipeline
 from blip3o.sampling import zeroed_condition
@@ -99,12 +98,12 @@ def main(argv=None) -> int:
         t0 = time.time()
         feats = torch.cat([sample(model, [r["prompt"] for r in rows[i:i + 24]], v, per) for i in range(0, len(rows), 24)])
         ims = _decode(pipe, feats, 0, a.decoder_steps, a.decoder_guidance)
-        e2e = _tag_scores([score_image(im, rows[i // per])[0] for i, im in enumerate(ims)], rows, per)
+        e2e = judge(ims, rows, per)
         rank = clip_rank_score(clip, feats, rows, per)
         fs = feature_stats(feats, gt)
         rec = {"run": str(run), "checkpoint": a.checkpoint, "variant": v, "decoder_guidance": a.decoder_guidance,
                "e2e": e2e["overall"], "e2e_tags": e2e["tags"], "rank": rank["overall"], "rank_tags": rank["tags"],
-               "ceiling": ceiling["overall"], **fs, "failures": failure_causes(ims, rows, per)["causes"],
+               "ceiling": ceiling["overall"], **fs, "failures": e2e["failures"]["causes"],
                "ceiling_failures": ceiling["failures"]["causes"], "seconds": time.time() - t0,
                "load": os.getloadavg()[0]}
         print(f"{v:>22}: e2e {rec['e2e']:.3f} rank {rec['rank']:.3f} std {fs['std_ratio']:.2f} "

@@ -83,22 +83,21 @@ def step(m, data: str, batch: int = 64, bf16: bool = False, compile: bool = Fals
         t = timed(whole_bf16)
         print(f"whole step, bf16 autocast {t:.3f} s ({fp32 / t:.2f}x fp32; native bf16: "
               f"{torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()})")
-    if compile:  # what train.compile=inductor does: the DiT's blocks compiled in place (inductor), the rest eager
-        for block in (m.dit.layers if regional else [m.dit]):
-            block.compile()
+    def compiled(what: str) -> None:
         t0 = time.perf_counter()
-        whole()
+        whole()  # the first step pays the compile
         first = time.perf_counter() - t0
         t = timed(whole, n=10)
-        print(f"whole step, DiT compiled {t:.3f} s ({fp32 / t:.2f}x eager); first step (compiling) {first:.1f} s, "
+        print(f"whole step, {what} compiled {t:.3f} s ({fp32 / t:.2f}x eager); first step (compiling) {first:.1f} s, "
               f"paid back after {first / max(fp32 - t, 1e-9):.0f} steps")
+
+    if compile:  # what train.compile=inductor does: the DiT (or, --regional, each block) compiled in place
+        for block in (m.dit.layers if regional else [m.dit]):
+            block.compile()
+        compiled("DiT")
         if compile_backbone:  # the frozen backbone's decoder too (prompt lengths vary: dynamic shapes)
             m.adapter.decoder(m.backbone).compile(dynamic=True)
-            t0 = time.perf_counter()
-            whole()
-            first = time.perf_counter() - t0
-            t2 = timed(whole, n=10)
-            print(f"whole step, DiT and backbone compiled {t2:.3f} s ({fp32 / t2:.2f}x eager); first step {first:.1f} s")
+            compiled("DiT and backbone")
 
 
 def labels(caption: str):

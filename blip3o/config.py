@@ -184,6 +184,9 @@ PRESETS: Dict[str, Dict[str, Dict[str, Any]]] = {
     },
 }
 
+# String settings that YAML may hand over as a bool: the word each of true / false stands for.
+BOOL_WORDS = {("data", "use_cache"): ("true", "false"), ("train", "compile"): ("inductor", "no")}
+
 # Fixed choices of plain settings. Variant names (backbone, target, objective, decoder, recipe, generator,
 # train.task) are checked against their registries in `validate`.
 CHOICES = {
@@ -304,10 +307,8 @@ def _set(section_obj, section: str, key: str, value: Any) -> None:
                 hint = f" (a setting of the {k} now: '{s}.{k}.{key}')"
         raise ConfigError(f"unknown field '{section}.{key}'{hint}")
     where = f"{section}.{key}"
-    if (section, key) == ("data", "use_cache") and isinstance(value, bool):
-        value = "true" if value else "false"
-    if (section, key) == ("train", "compile") and isinstance(value, bool):  # compile: true / false (or no)
-        value = "inductor" if value else "no"
+    if (section, key) in BOOL_WORDS and isinstance(value, bool):  # YAML read true/false (or yes/no) as a bool
+        value = BOOL_WORDS[(section, key)][0 if value else 1]
     value = _expand_env(value)  # ${IMG_FOLDER} etc., as the original launch scripts use
     if (section, key) in COMPONENTS:
         value = _component(getattr(section_obj, key), value, where)

@@ -29,7 +29,7 @@ import os
 import sys
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image
@@ -140,9 +140,10 @@ def _relation(a: Blob, b: Blob, rel: str, w: int, h: int) -> bool:
             "above": a.cy < b.cy - my, "below": a.cy > b.cy + my}[rel]
 
 
-def score_image(image: Image.Image, row: dict) -> Tuple[bool, str]:
-    """(correct, reason) for one image against its GenEval-format prompt row."""
-    blobs = analyse(image)
+def score_image(image: Image.Image, row: dict, blobs: Optional[List[Blob]] = None) -> Tuple[bool, str]:
+    """(correct, reason) for one image against its GenEval-format prompt row (``blobs``: ``analyse(image)``, when the
+    caller has it already)."""
+    blobs = analyse(image) if blobs is None else blobs
     w, h = image.size
     found = []
     for item in row.get("include", []):

@@ -83,42 +83,50 @@ def failure_cause(image: Image.Image, row: dict) -> Optional[str]:
     object that is short decides: ``shape:WANTED->READ`` when enough objects of its colour are there but read as
     another shape (a square with rounded corners reads as a circle), ``too few`` when some of its colour are there,
     ``missing colour`` when none; then ``extra`` (an excluded object) and ``relation``."""
-    if score_image(image, row)[0]:
-        return None
     blobs = analyse(image)
+    if score_image(image, row, blobs)[0]:
+        return None
     for item in row.get("include", []):
-        need = int(item.get("count", 1))
-        if len(_matches(blobs, item)) >= need:
+        need, have = int(item.get("count", 1)), len(_matches(blobs, item))
+        if have >= need:
             continue
         same = [b for b in blobs if b.color == item.get("color", b.color) and b.shape != item["class"]]
-        have = len(_matches(blobs, item)) + len(same)
-        if have >= need:
+        if have + len(same) >= need:
             read = max(("circle", "square", "triangle"), key=lambda k: sum(b.shape == k for b in same))
             return f"shape:{item['class']}->{read}"
-        return "too few" if have else "missing colour"
+        return "too few" if have + len(same) else "missing colour"
     return "extra" if any(len(_matches(blobs, it)) >= int(it["count"]) for it in row.get("exclude", [])) \
         else "relation"
 
 
+def judge(images: Sequence[Image.Image], rows: Sequence[dict], per: int = 1):
+    """Each image scored once: (the per-tag scores of :func:`_tag_scores`, and under ``failures`` the counts of
+    :func:`failure_cause`, most common first)."""
+    causes = [failure_cause(im, rows[i // per]) for i, im in enumerate(images)]
+    out = _tag_scores([c is None for c in causes], rows, per)
+    out["failures"] = summarize_causes(causes)
+    return out
+
+
+def summarize_causes(causes: Sequence[Optional[str]]) -> Dict[str, object]:
+    counts: Dict[str, int] = {}
+    for c in causes:
+        if c is not None:
+            counts[c] = counts.get(c, 0) + 1
+    return {"failed": sum(counts.values()), "images": len(causes),
+            "causes": dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))}
+
+
 def failure_causes(images: Sequence[Image.Image], rows: Sequence[dict], per: int = 1) -> Dict[str, object]:
     """Counts of :func:`failure_cause` over ``images`` (``per`` consecutive images per row), most common first."""
-    counts: Dict[str, int] = {}
-    for i, im in enumerate(images):
-        cause = failure_cause(im, rows[i // per])
-        if cause is not None:
-            counts[cause] = counts.get(cause, 0) + 1
-    return {"failed": sum(counts.values()), "images": len(images),
-            "causes": dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))}
+    return summarize_causes([failure_cause(im, rows[i // per]) for i, im in enumerate(images)])
 
 
 def decoder_ceiling(pipe, gt: torch.Tensor, rows, steps: Optional[int] = None, seed: int = 10 ** 6,
                     guidance: Optional[float] = None):
     """The decoder alone: ground-truth features ``gt`` of the scenes behind ``rows``, decoded and scored
     (`guidance`: the decoder's CFG scale; None = its folder's default), with why the failures failed."""
-    ims = _decode(pipe, gt, seed, steps, guidance)
-    out = _tag_scores([score_image(im, r)[0] for im, r in zip(ims, rows)], rows, 1)
-    out["failures"] = failure_causes(ims, rows)
-    return out
+    return judge(_decode(pipe, gt, seed, steps, guidance), rows)
 
 
 def samples_failures(samples_dir: Path, limit: Optional[int] = None) -> Dict[str, object]:
