@@ -28,7 +28,9 @@ def main(argv=None) -> int:
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--widths", type=int, nargs=2, default=None, help="UNet block_out_channels (tiny preset: 64 128)")
+    p.add_argument("--widths", type=int, nargs="+", default=None,
+                   help="UNet block_out_channels, one per level (tiny preset: 64 128)")
+    p.add_argument("--pixel-factor", type=int, default=4, help="pixel-unshuffle factor of the latents (4: 16x16x48)")
     p.add_argument("--bf16", action="store_true", help="under bf16 autocast (train.mixed_precision=bf16)")
     p.add_argument("--compile", action="store_true", help="also the attention-free UNet compiled in place")
     a = p.parse_args(argv)
@@ -39,10 +41,13 @@ def main(argv=None) -> int:
     if a.compile:
         variants["attention-free, compiled"] = NO_ATTENTION
     widths = {"block_out_channels": tuple(a.widths)} if a.widths else {}
+    if a.widths and len(a.widths) != 2:  # one plain down/up block per level
+        widths.update(down_block_types=("DownBlock2D",) * len(a.widths), up_block_types=("UpBlock2D",) * len(a.widths),
+                      attention_head_dim=(1,) * len(a.widths), norm_num_groups=min(32, min(a.widths)))
     for name, unet_config in variants.items():
         torch.manual_seed(0)
         pipe = build_decoder("sdxl", preset="tiny", feature_dim=a.feature_dim, num_tokens=a.tokens, vae="pixel",
-                             spatial_features=True, unet_config={**unet_config, **widths})
+                             spatial_features=True, unet_config={**unet_config, **widths}, pixel_factor=a.pixel_factor)
         parts = {"unet": pipe.unet, "vae": pipe.vae, "scheduler": pipe.scheduler, "null_condition": pipe.null_condition}
         pipe.unet.train()
         if name.endswith("compiled"):

@@ -72,6 +72,7 @@ class ModelConfig:
     decoder_null_prob: float = 0.1  # null-image dropout for the decoder's CFG
     decoder_feature_noise: float = 0.0  # Gaussian noise on input features (robustness to generated features)
     decoder_time_shift: float = 1.0  # > 1 trains the decoder more at high noise (blip3o/decoders/training.py)
+    decoder_edge_weight: float = 0.0  # > 0 weights the loss up on the image's edges (blip3o/decoders/training.py)
     # Sampling defaults (the original's: docs/decisions.md, "Flow matching").
     num_inference_steps: int = 30
     guidance_scale: float = 3.0
@@ -470,6 +471,8 @@ def validate(cfg: ExperimentConfig) -> None:
         raise ConfigError(f"model.cfg_dropout: must be in [0, 1), got {m.cfg_dropout}")
     if m.decoder_time_shift <= 0:
         raise ConfigError(f"model.decoder_time_shift: must be > 0 (1 = uniform), got {m.decoder_time_shift}")
+    if m.decoder_edge_weight < 0:
+        raise ConfigError(f"model.decoder_edge_weight: must be >= 0 (0 = plain MSE), got {m.decoder_edge_weight}")
     if m.generator != "blip3o":
         _validate_fusion(m)
     elif m.recipe == "joint" and m.text_loss_weight <= 0:
@@ -520,7 +523,7 @@ def _refuse_ignored(cfg: ExperimentConfig) -> None:
         raise ConfigError("data.cache_dir: the target-feature cache is off (data.use_cache=false)")
     if t.task != "decoder":
         for name in ("decoder_preset", "decoder_kwargs", "decoder_null_prob", "decoder_feature_noise",
-                     "decoder_time_shift"):
+                     "decoder_time_shift", "decoder_edge_weight"):
             if getattr(m, name) != getattr(default, name):
                 raise ConfigError(f"model.{name}: only used when training a decoder (train.task=decoder)")
     elif d.eval_prompts:

@@ -28,7 +28,8 @@ from blip3o.decoders.components import (
 from blip3o.decoders.io import DecoderLoadError, load_component, read_model_index
 from blip3o.decoders.pipeline import OFFICIAL_GUIDANCE, FeatureDecoderPipeline, check_guidance, sampling_defaults
 from blip3o.decoders.spec import DECODERS, DecoderSpec
-from blip3o.decoders.training import check_inputs, check_prediction, null_features, prepare_features, uniform, unwrap
+from blip3o.decoders.training import (check_inputs, check_prediction, null_features, prepare_features,
+                                      reconstruction_mse, uniform, unwrap)
 from blip3o.objectives import shift_sigma  # the generator's SD3 shift, for the decoder's time_shift
 
 OFFICIAL_REPO = "BLIP3o/SigLIP2_SANA"
@@ -209,7 +210,7 @@ class SanaFeatureDecoderPipeline(FeatureDecoderPipeline):
 
 
 def sana_training_loss(parts, images, features, generator=None, null_prob=0.1, feature_noise=0.0, prediction=None,
-                       time_shift=1.0):
+                       time_shift=1.0, edge_weight=0.0):
     """Flow matching on the scheduler's flow sigmas (see blip3o/decoders/training.py)."""
     transformer, vae, scheduler, connector = parts["transformer"], parts["vae"], parts["scheduler"], parts["connector"]
     t_cfg, dtype = unwrap(transformer).config, unwrap(transformer).dtype
@@ -233,7 +234,7 @@ def sana_training_loss(parts, images, features, generator=None, null_prob=0.1, f
     timestep = sigma * steps * t_cfg.timestep_scale
     out = transformer(x_t.to(dtype), encoder_hidden_states=cond, timestep=timestep, return_dict=False)[0]
     target = noise - x0 if pred_type == "flow_prediction" else x0
-    loss = F.mse_loss(out.float(), target)
+    loss = reconstruction_mse(out, target, images, edge_weight)
     return loss, {"mse": loss.detach(), "sigma_mean": sigma.mean(), "null_frac": drop.float().mean()}
 
 

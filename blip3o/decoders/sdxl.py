@@ -33,7 +33,8 @@ from blip3o.decoders.components import (
 from blip3o.decoders.io import DecoderLoadError, load_component, read_model_index
 from blip3o.decoders.pipeline import OFFICIAL_GUIDANCE, FeatureDecoderPipeline, check_guidance, sampling_defaults
 from blip3o.decoders.spec import DECODERS, DecoderSpec
-from blip3o.decoders.training import check_inputs, check_prediction, null_features, prepare_features, uniform, unwrap
+from blip3o.decoders.training import (check_inputs, check_prediction, null_features, prepare_features,
+                                      reconstruction_mse, uniform, unwrap)
 from blip3o.objectives import shift_sigma  # the generator's SD3 shift, for the decoder's time_shift
 
 OFFICIAL_REPO = "BLIP3o/BLIP3o-Model-8B"
@@ -215,7 +216,7 @@ class SDXLFeatureDecoderPipeline(FeatureDecoderPipeline):
 
 
 def sdxl_training_loss(parts, images, features, generator=None, null_prob=0.1, feature_noise=0.0, prediction=None,
-                       time_shift=1.0):
+                       time_shift=1.0, edge_weight=0.0):
     """DDPM noising with the scheduler's alphas_cumprod (see blip3o/decoders/training.py)."""
     unet, vae, scheduler = parts["unet"], parts["vae"], parts["scheduler"]
     unet_cfg, dtype = unwrap(unet).config, unwrap(unet).dtype
@@ -246,7 +247,7 @@ def sdxl_training_loss(parts, images, features, generator=None, null_prob=0.1, f
         return_dict=False,
     )[0]
     target = {"epsilon": noise, "sample": x0, "v_prediction": a * noise - s * x0}[pred_type]
-    loss = F.mse_loss(out.float(), target)
+    loss = reconstruction_mse(out, target, images, edge_weight)
     return loss, {"mse": loss.detach(), "t_mean": t.float().mean(), "null_frac": drop.float().mean()}
 
 
@@ -265,11 +266,13 @@ def build_sdxl_decoder(
     scheduler_config: Optional[Dict[str, Any]] = None,
     device: Optional[str] = None,
     guidance_scale: Optional[float] = None,
+    pixel_factor: int = 4,
 ) -> SDXLFeatureDecoderPipeline:
     """A randomly initialised SDXL feature decoder.
 
     preset "tiny": 64 px toy images, `vae`="kl" (tiny AutoencoderKL, latents 16x16x4, scaling factor
-    calibrated to unit latent std) or "pixel" (PixelUnshuffleAutoencoder, latents 16x16x48). `prediction`
+    calibrated to unit latent std) or "pixel" (PixelUnshuffleAutoencoder, latents 16x16x48 at the default
+    `pixel_factor` 4; 2 gives 32x32x12, the UNet then works at twice the resolution). `prediction`
     is the UNet target and becomes the scheduler's prediction_type: "sample"/"x0" (the tiny default: the CPU
     prototype found x0 targets learn far faster), "epsilon" (SDXL's, the official default) or "v_prediction".
     preset "official": the full-size Emu2/SDXL architecture with random weights (2.6B UNet); pass
@@ -294,7 +297,9 @@ def build_sdxl_decoder(
             raise ValueError("the tiny sdxl preset needs feature_dim")
         if vae not in ("kl", "pixel"):
             raise ValueError(f"tiny sdxl vae must be 'kl' or 'pixel', got '{vae}'")
-        factor = 4
+        factor = 4 if vae == "kl" else int(pixel_factor)
+        if factor not in (1, 2, 4, 8):
+            raise ValueError(f"tiny sdxl pixel_factor must be 1, 2, 4 or 8, got {pixel_factor}")
         if image_size % (factor * 2):
             raise ValueError(f"tiny sdxl image_size must be a multiple of {factor * 2}, got {image_size}")
         latent_channels = 4 if vae == "kl" else 3 * factor * factor

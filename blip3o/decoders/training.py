@@ -70,6 +70,37 @@ def uniform(shape, generator, device) -> torch.Tensor:
     return torch.rand(shape, generator=generator, device=gen_device).to(device)
 
 
+def edge_map(images: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) images in [-1, 1] -> (B, 1, H, W) in [0, 1]: the largest colour step to a 4-neighbour,
+    marked on both pixels of the step (0 on flat regions, 1 where a channel jumps across the full range)."""
+    x = images.float()
+    dx = (x[..., :, 1:] - x[..., :, :-1]).abs().amax(1, keepdim=True)
+    dy = (x[..., 1:, :] - x[..., :-1, :]).abs().amax(1, keepdim=True)
+    e = torch.zeros_like(x[:, :1])
+    e[..., :, 1:] = torch.maximum(e[..., :, 1:], dx)
+    e[..., :, :-1] = torch.maximum(e[..., :, :-1], dx)
+    e[..., 1:, :] = torch.maximum(e[..., 1:, :], dy)
+    e[..., :-1, :] = torch.maximum(e[..., :-1, :], dy)
+    return (e / 2).clamp(0, 1)
+
+
+def reconstruction_mse(out: torch.Tensor, target: torch.Tensor, images: torch.Tensor, edge_weight: float = 0.0):
+    """MSE of the denoiser's output; with `edge_weight` > 0, weighted per pixel by 1 + edge_weight * edge_map,
+    normalised by the mean weight so the loss keeps its scale. The weight reaches the latent grid exactly when
+    the latents are the pixels unshuffled (the pixel stand-in: C = 3 f^2), else as its average over each cell."""
+    if not edge_weight:
+        return F.mse_loss(out.float(), target.float())
+    w = 1 + edge_weight * edge_map(images.to(out.device))
+    (b, c, h, wd), (H, W) = out.shape, images.shape[-2:]
+    f = H // h
+    if H == h * f and W == wd * f and c == 3 * f * f:
+        w = F.pixel_unshuffle(w.expand(-1, 3, -1, -1), f) if f > 1 else w.expand(-1, 3, -1, -1)
+    else:
+        w = F.adaptive_avg_pool2d(w, (h, wd))
+    w = w.expand_as(out)
+    return (w * (out.float() - target.float()) ** 2).mean() / w.mean()
+
+
 def prepare_features(features, null, generator, null_prob: float, feature_noise: float):
     """Feature-noise augmentation, then CFG dropout to the null condition."""
     features = features.float()
@@ -119,6 +150,7 @@ def decoder_training_loss(
     feature_noise: float = 0.0,
     prediction: Optional[str] = None,
     time_shift: float = 1.0,
+    edge_weight: float = 0.0,
 ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """Reconstruction loss of a feature decoder (see module docstring). Returns (loss, parts).
 
@@ -129,11 +161,18 @@ def decoder_training_loss(
     time_shift: the SD3 shift s*u / (1 + (s-1)*u) of the noise level u in [0, 1] (sdxl: the timestep fraction
         t/T; sana: sigma); s > 1 trains more at high noise, where the features must decide the layout, and
         less near the clean image, where x0 is a copy of the input. 1.0 = uniform (the originals).
+    edge_weight: lambda of the per-pixel loss weight 1 + lambda * edge(image) (:func:`edge_map`, in [0, 1]), mapped
+        onto the latent grid; 0 = plain MSE (the originals). Under MSE a decoder unsure of an object's exact extent
+        predicts the average, whose corners threshold round; weighting the edges pays for getting them right.
     """
     spec, parts = _as_parts(pipeline_or_modules)
     if time_shift <= 0:
         raise ValueError(f"time_shift must be > 0, got {time_shift}")
+    if edge_weight < 0:
+        raise ValueError(f"edge_weight must be >= 0, got {edge_weight}")
     kwargs = {"time_shift": time_shift} if time_shift != 1.0 else {}  # plugin losses need not know the option
+    if edge_weight:
+        kwargs["edge_weight"] = edge_weight
     return spec.training_loss(parts, images, features, generator, null_prob, feature_noise, prediction, **kwargs)
 
 

@@ -200,7 +200,7 @@ class _DecoderModule(torch.nn.Module):
     """The decoder's trainable parts as one module, so DDP/DeepSpeed and the checkpoint code see
     an ordinary model; forward returns the reconstruction loss."""
 
-    def __init__(self, pipe, null_prob: float, feature_noise: float, time_shift: float = 1.0):
+    def __init__(self, pipe, null_prob: float, feature_noise: float, time_shift: float = 1.0, edge_weight: float = 0.0):
         super().__init__()
         self.pipe = pipe
         self.denoiser = pipe.denoiser
@@ -210,12 +210,13 @@ class _DecoderModule(torch.nn.Module):
         self.null_condition = pipe.null_condition
         trainable_parameters(pipe)
         self.null_prob, self.feature_noise, self.time_shift = null_prob, feature_noise, time_shift
+        self.edge_weight = edge_weight
 
     def forward(self, images, features, generator=None):
         loss, parts = decoder_training_loss(self.pipe, images, features, generator=generator,
                                             null_prob=self.null_prob if self.training else 0.0,
                                             feature_noise=self.feature_noise if self.training else 0.0,
-                                            time_shift=self.time_shift)
+                                            time_shift=self.time_shift, edge_weight=self.edge_weight)
         return loss, parts
 
 
@@ -242,7 +243,8 @@ class DecoderTask(ImageLoaderTask):
                              f"target gives {self.target.channels}")
         self.pipe = pipe
         self.image_size = int(pipe.default_image_size)
-        self.model = _DecoderModule(pipe, m.decoder_null_prob, m.decoder_feature_noise, m.decoder_time_shift)
+        self.model = _DecoderModule(pipe, m.decoder_null_prob, m.decoder_feature_noise, m.decoder_time_shift,
+                                     m.decoder_edge_weight)
         self.val_images = None
         self._init_tokenizer()  # the loader builds generation prompts for every sample; the decoder ignores them
 
